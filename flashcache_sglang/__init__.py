@@ -1,0 +1,1 @@
+"""FlashCache for SGLang."""

@@ -1,0 +1,3 @@
+"""Stand-in submodule."""
+
+from . import __getattr__  # noqa: F401

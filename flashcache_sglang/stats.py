@@ -1,0 +1,71 @@
+"""Server-wide compression counters, readable from outside the scheduler process.
+
+The scheduler process owns the cache; tests, benchmarks and operators read these numbers from a
+JSON file (``FLASHCACHE_STATS_FILE``), rewritten atomically after each compression and after
+each flush, together with the allocator's free-slot count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+STATS_FILE_ENV = "FLASHCACHE_STATS_FILE"
+
+
+@dataclass
+class CompressionStats:
+    """Cumulative counters; ``snapshot()`` adds whatever ``probe`` reports (pool state)."""
+
+    requests_compressed: int = 0
+    candidate_tokens: int = 0
+    kept_tokens: int = 0
+    compression_seconds: float = 0.0
+    probe: Optional[Callable[[], dict]] = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+
+    @property
+    def slots_saved(self) -> int:
+        return self.candidate_tokens - self.kept_tokens
+
+    def record(self, candidates: int, kept: int, seconds: float) -> None:
+        with self._lock:
+            if candidates > kept:
+                self.requests_compressed += 1
+            self.candidate_tokens += candidates
+            self.kept_tokens += kept
+            self.compression_seconds += seconds
+        self.publish()
+
+    def snapshot(self) -> dict:
+        data = {
+            "requests_compressed": self.requests_compressed,
+            "candidate_tokens": self.candidate_tokens,
+            "kept_tokens": self.kept_tokens,
+            "compression_seconds": self.compression_seconds,
+        }
+        data["slots_saved"] = self.slots_saved
+        data["time"] = time.time()
+        if self.probe is not None:
+            data.update(self.probe())
+        return data
+
+    def publish(self) -> None:
+        path = os.environ.get(STATS_FILE_ENV)
+        if not path:
+            return
+        target = Path(path)
+        staging = target.with_suffix(target.suffix + f".{os.getpid()}.tmp")
+        staging.write_text(json.dumps(self.snapshot(), indent=1))
+        os.replace(staging, target)
+
+
+def read_stats(path: str | os.PathLike) -> dict:
+    return json.loads(Path(path).read_text())

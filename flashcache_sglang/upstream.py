@@ -1,0 +1,244 @@
+"""Every touch point of SGLang 0.5.23 internals, in one module.
+
+Everything else in flashcache_sglang talks to SGLang through the names defined here. What we
+rely on, and why:
+
+- ``RadixCache`` (mem_cache/radix_cache.py): the tree we subclass. We override ``checkpoint``,
+  ``match_prefix``, ``evict``, ``inc_lock_ref`` / ``dec_lock_ref``, ``_insert_helper``,
+  ``_split_node``, ``_delete_leaf`` and the size getters, and read ``evictable_leaves``,
+  ``eviction_strategy``, ``evictable_size_`` / ``protected_size_``, ``root_node``.
+- ``register_radix_cache_backend`` (mem_cache/registry.py) + ``--radix-cache-backend``.
+- ``ATTENTION_BACKENDS`` (layers/attention/attention_registry.py): re-registered with wrapping
+  factories, so ``--attention-backend torch_native|triton|flashinfer`` keep their names.
+- The allocator's ``free`` (mem_cache/allocator): wrapped per instance to skip the sentinel.
+- ``Req`` fields: ``rid``, ``extra_key``, ``origin_input_ids``, ``kv.req_pool_idx``,
+  ``kv.cache_protected_len``, ``multimodal_inputs.mm_items[*].offsets`` (inclusive ends),
+  ``sampling_params.custom_params``, ``customized_info``.
+
+:func:`check_upstream` verifies all of this against the installed SGLang and is run by the
+plugin at start-up and by tests/sglang/test_upstream_contract.py, so an upstream change fails
+loudly instead of corrupting memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from sglang.srt.layers.attention import attention_registry
+from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+from sglang.srt.mem_cache import registry as radix_registry
+from sglang.srt.mem_cache.base_prefix_cache import EvictResult, MatchPrefixParams
+from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
+
+SGLANG_VERSION = "0.5.23"
+NAMESPACE_MARK = "flashcache/"
+DUMP_DIR_ENV = "FLASHCACHE_DUMP_DIR"
+
+__all__ = [
+    "AttentionBackend", "EvictResult", "MatchPrefixParams", "RadixCache", "RadixKey", "TreeNode",
+    "check_upstream", "filter_sentinel_frees", "register_radix_backend", "wrap_attention_backends",
+]
+
+
+# ------------------------------------------------------------------ contract check
+_RADIX_METHODS = {
+    "checkpoint": ["self", "req", "up_to"],
+    "match_prefix": ["self", "params"],
+    "evict": ["self", "params"],
+    "inc_lock_ref": ["self", "node"],
+    "dec_lock_ref": ["self", "node", "params"],
+    "_insert_helper": ["self", "node", "key", "value", "priority", "inserted_len"],
+    "_split_node": ["self", "key", "child", "split_len"],
+    "_delete_leaf": ["self", "node"],
+    "_insert_cache": ["self", "req", "token_ids", "key_limit", "split_prompt"],
+    "on_release": ["self", "req", "checkpointed"],
+    "free_kv_row": ["self", "kv", "ranges"],
+}
+
+
+def check_upstream() -> list[str]:
+    """Problems found in the installed SGLang's shape (empty list: all we rely on is there)."""
+    problems: list[str] = []
+    import sglang
+
+    if getattr(sglang, "__version__", None) != SGLANG_VERSION:
+        problems.append(f"sglang {getattr(sglang, '__version__', '?')} installed, {SGLANG_VERSION} expected")
+    for name, expected in _RADIX_METHODS.items():
+        method = getattr(RadixCache, name, None)
+        if method is None:
+            problems.append(f"RadixCache.{name} is gone")
+            continue
+        params = list(inspect.signature(method).parameters)
+        if params[: len(expected)] != expected:
+            problems.append(f"RadixCache.{name}{tuple(params)} no longer starts with {tuple(expected)}")
+    for field_name in ("token_ids", "extra_key", "is_bigram", "limit", "cache_salt"):
+        if field_name not in RadixKey.__slots__:
+            problems.append(f"RadixKey has no field {field_name!r}")
+    node = TreeNode()
+    for attr in ("children", "parent", "key", "value", "lock_ref"):
+        if not hasattr(node, attr):
+            problems.append(f"TreeNode has no attribute {attr!r}")
+    if "req" not in {f.name for f in dataclasses.fields(MatchPrefixParams)}:
+        problems.append("MatchPrefixParams has no field 'req'")
+    if not callable(getattr(radix_registry, "register_radix_cache_backend", None)):
+        problems.append("mem_cache.registry.register_radix_cache_backend is gone")
+    if not isinstance(getattr(attention_registry, "ATTENTION_BACKENDS", None), dict):
+        problems.append("attention_registry.ATTENTION_BACKENDS is no longer a dict")
+    elif "torch_native" not in attention_registry.ATTENTION_BACKENDS:
+        problems.append("attention backend 'torch_native' is not registered")
+    from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+
+    for method in ("free", "free_segment", "alloc", "available_size"):
+        if not hasattr(TokenToKVPoolAllocator, method):
+            problems.append(f"TokenToKVPoolAllocator.{method} is gone")
+    import sglang.srt.mem_cache.allocator.base as allocator_base
+
+    source = inspect.getsource(allocator_base.BaseTokenToKVPoolAllocator.free_segment)
+    if "self.free(" not in source:
+        problems.append("allocator free_segment no longer routes through self.free (sentinel filter bypassed)")
+    from sglang.srt.managers.schedule_batch import MultimodalDataItem
+
+    if "offsets" not in getattr(MultimodalDataItem, "__struct_fields__", ()):
+        problems.append("MultimodalDataItem has no 'offsets'")
+    return problems
+
+
+def require_upstream() -> None:
+    problems = check_upstream()
+    if problems:
+        raise RuntimeError(
+            "flashcache_sglang does not support the installed SGLang: " + "; ".join(problems)
+        )
+
+
+# ------------------------------------------------------------------ registration
+def register_radix_backend(name: str, factory: Callable[[Any], Any]) -> None:
+    if name not in radix_registry.registered_radix_cache_backends():
+        radix_registry.register_radix_cache_backend(name, factory)
+
+
+def wrap_attention_backends(wrap: Callable[[Any], Any], names: tuple[str, ...]) -> list[str]:
+    """Re-register ``names`` so each creates the original backend, then ``wrap(backend)``."""
+    wrapped = []
+    for name in names:
+        original = attention_registry.ATTENTION_BACKENDS.get(name)
+        if original is None or getattr(original, "_flashcache_wrapped", False):
+            continue
+
+        def factory(runner, _original=original):
+            return wrap(_original(runner))
+
+        factory._flashcache_wrapped = True
+        attention_registry.ATTENTION_BACKENDS[name] = factory
+        wrapped.append(name)
+    return wrapped
+
+
+# ------------------------------------------------------------------ allocator
+def filter_sentinel_frees(allocator) -> None:
+    """Make ``allocator.free`` skip the sentinel slot 0 (SGLang's own free does not).
+
+    Every other free path (free_segment, free_segments, free_group_end) calls ``self.free``, so
+    wrapping the instance attribute covers them all. With FLASHCACHE_DEBUG=1 a double free raises.
+    """
+    if getattr(allocator.free, "_flashcache_filtered", False):
+        return
+    inner = allocator.free
+    debug = os.environ.get("FLASHCACHE_DEBUG") == "1"
+
+    def free(free_index):
+        if free_index.numel():
+            free_index = free_index[free_index != 0]
+        if debug and free_index.numel():
+            free_now = set(allocator.free_pages.tolist()) | set(getattr(allocator, "release_pages", free_index[:0]).tolist())
+            doubled = sorted(set(free_index.tolist()) & free_now)
+            if doubled or len(set(free_index.tolist())) != free_index.numel():
+                raise RuntimeError(f"double free of KV slots {doubled[:10]}")
+        return inner(free_index)
+
+    free._flashcache_filtered = True
+    allocator.free = free
+
+
+# ------------------------------------------------------------------ request fields
+def request_id(req) -> str:
+    return req.rid
+
+
+def prompt_len(req) -> int:
+    return len(req.origin_input_ids)
+
+
+def cache_protected_len(req) -> int:
+    return int(req.kv.cache_protected_len)
+
+
+def request_row(req_to_token_pool, req):
+    """The request's row of ``req_to_token`` (a view: edits land in the pool)."""
+    return req_to_token_pool.req_to_token[req.kv.req_pool_idx]
+
+
+def multimodal_spans(req) -> list[tuple[int, int]]:
+    """Half-open (begin, end) prompt ranges of image/video/audio tokens, ascending."""
+    inputs = getattr(req, "multimodal_inputs", None)
+    if inputs is None:
+        return []
+    spans = []
+    for item in getattr(inputs, "mm_items", None) or []:
+        for begin, end_inclusive in item.offsets or []:
+            spans.append((int(begin), int(end_inclusive) + 1))
+    return sorted(spans)
+
+
+def request_overrides(req) -> Optional[dict]:
+    params = getattr(req, "sampling_params", None)
+    custom = getattr(params, "custom_params", None) if params is not None else None
+    if isinstance(custom, dict):
+        return custom.get("flashcache")
+    return None
+
+
+def set_namespace(req, namespace: str) -> None:
+    """Prefix ``req.extra_key`` with the compression namespace (idempotent)."""
+    current = req.extra_key or ""
+    if not namespace or current.startswith(NAMESPACE_MARK):
+        return
+    req.extra_key = f"{namespace}|{current}"
+
+
+def with_extra_key(params: MatchPrefixParams, extra_key: Optional[str]) -> MatchPrefixParams:
+    key = params.key
+    if key.extra_key == extra_key:
+        return params
+    new_key = RadixKey(key.token_ids, extra_key, is_bigram=key.is_bigram, limit=key.limit,
+                       cache_salt=key.cache_salt)
+    return dataclasses.replace(params, key=new_key)
+
+
+def report_to_request(req, *, logical: int, kept: int, prompt_tokens: int) -> None:
+    """Per-request numbers, returned to the client in meta_info (SGLang's customized_info)."""
+    info = req.customized_info if req.customized_info is not None else {}
+    info["flashcache"] = [{"candidate_tokens": logical, "kept_tokens": kept,
+                           "prompt_tokens": prompt_tokens,
+                           "kv_slots_saved": logical - kept}]
+    req.customized_info = info
+
+
+def dump_kept_positions(req, positions, dropped) -> None:
+    """Debug aid for tests: the exact dropped positions of each request, as JSON files."""
+    directory = os.environ.get(DUMP_DIR_ENV)
+    if not directory:
+        return
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / f"{req.rid}.json").write_text(json.dumps({
+        "rid": req.rid,
+        "candidate_positions": positions.tolist(),
+        "dropped_positions": dropped.tolist(),
+        "prompt_len": len(req.origin_input_ids),
+    }))
