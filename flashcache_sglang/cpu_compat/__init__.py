@@ -37,10 +37,14 @@ PROBED_OP_NAMES = frozenset(
 CPU_ENV = {"SGLANG_USE_CPU_ENGINE": "1", "TORCHDYNAMO_DISABLE": "1"}
 
 
-def needed() -> bool:
-    """True when the stand-ins are required: no real sgl_kernel can load (no CUDA)."""
-    if os.environ.get("FLASHCACHE_CPU_COMPAT") in ("0", "1"):
-        return os.environ["FLASHCACHE_CPU_COMPAT"] == "1"
+def needed(environ=None) -> bool:
+    """True when the stand-ins are required: no real sgl_kernel can load (no CUDA).
+
+    ``FLASHCACHE_CPU_COMPAT=1`` / ``0`` in ``environ`` (default os.environ) forces the answer.
+    """
+    forced = (os.environ if environ is None else environ).get("FLASHCACHE_CPU_COMPAT")
+    if forced in ("0", "1"):
+        return forced == "1"
     try:
         import torch
 
@@ -52,7 +56,7 @@ def needed() -> bool:
 def environment(base: dict[str, str] | None = None) -> dict[str, str]:
     """A copy of ``base`` (default: os.environ) with what SGLang's processes need on CPU."""
     env = dict(os.environ if base is None else base)
-    if not needed():
+    if not needed(env):
         return env
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     if str(SITE_DIR) not in paths:

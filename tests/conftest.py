@@ -1,0 +1,43 @@
+"""Shared fixtures: test models (built once, cached outside the repo) and Redis.
+
+Real SGLang servers are started by module-scoped fixtures in tests/sglang/conftest.py, each in
+its own process group (never inside pytest's process).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    from flashcache_sglang.testing.models import smollm2_dir
+
+    return smollm2_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir():
+    from flashcache_sglang.testing.models import tiny_llama_dir
+
+    return tiny_llama_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_vl_dir():
+    from flashcache_sglang.testing.models import tiny_qwen2_5_vl_dir
+
+    return tiny_qwen2_5_vl_dir()
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """The Redis server .ci/run (scripts/test.sh) started; tests needing it fail loudly in CI."""
+    url = os.environ.get("FLASHCACHE_TEST_REDIS_URL")
+    if not url:
+        if os.environ.get("CI"):
+            pytest.fail("FLASHCACHE_TEST_REDIS_URL is not set: scripts/test.sh starts Redis for CI")
+        pytest.skip("no Redis: run the suite through scripts/test.sh, which starts one")
+    return url
