@@ -12,6 +12,7 @@ which is why retention 1.0 is token-identical to vanilla SGLang.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Optional
 
@@ -79,6 +80,9 @@ class PhysicalKVAttention:
         self._real_pool = pool
         self._view = _PoolView(pool)
         inner.req_to_token_pool = self._view
+        # triton / flashinfer gather rows through the ModelRunner's KVIndexTranslator, which holds
+        # its own reference to the real table: point it at the compacted one while they plan.
+        self._translator = getattr(inner, "kv_index_translator", None)
         self._scratch: Optional[torch.Tensor] = None
         self._source = None
         self._physical = None
@@ -121,13 +125,34 @@ class PhysicalKVAttention:
         return view
 
     # -- the calls SGLang makes per batch / per layer
-    def init_forward_metadata(self, forward_batch):
+    def _use(self, forward_batch):
         physical = self.physical_batch(forward_batch)
         self._source, self._physical = forward_batch, physical
-        self._view.req_to_token = (
-            self._real_pool.req_to_token if physical is forward_batch else self._scratch
-        )
-        return self.inner.init_forward_metadata(physical)
+        table = self._real_pool.req_to_token if physical is forward_batch else self._scratch
+        self._view.req_to_token = table
+        return physical, table
+
+    @contextlib.contextmanager
+    def _translator_reads(self, table):
+        translator = self._translator
+        if translator is None or translator.req_to_token is table:
+            yield
+            return
+        real, translator.req_to_token = translator.req_to_token, table
+        try:
+            yield
+        finally:
+            translator.req_to_token = real
+
+    def init_forward_metadata(self, forward_batch):
+        physical, table = self._use(forward_batch)
+        with self._translator_reads(table):
+            return self.inner.init_forward_metadata(physical)
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        physical, table = self._use(forward_batch)
+        with self._translator_reads(table):
+            return self.inner.init_forward_metadata_out_graph(physical, in_capture=in_capture)
 
     def _for(self, forward_batch):
         if forward_batch is self._source:

@@ -103,9 +103,14 @@ def sglang_argv(argv: Sequence[str], cpu: bool) -> list[str]:
         for flag in CPU_SWITCHES:
             if not _has_flag(out, flag):
                 out.append(flag)
-    elif not _has_flag(out, "--attention-backend"):
-        # The default on Hopper is fa3, which the wrapper does not cover.
-        out += ["--attention-backend", "flashinfer"]
+    else:
+        if not _has_flag(out, "--attention-backend"):
+            # The default on Hopper is fa3, which the wrapper does not cover.
+            out += ["--attention-backend", "flashinfer"]
+        if not _has_flag(out, "--disable-cuda-graph"):
+            # The wrapper prepares graph metadata from compacted rows, but replay over compressed
+            # rows has not been verified on a GPU yet: run eagerly until it has.
+            out.append("--disable-cuda-graph")
     return out
 
 

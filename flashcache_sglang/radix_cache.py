@@ -102,6 +102,7 @@ class CompressedRadixCache(RadixCache):
             if not self._maybe_compress(req, up_to):
                 return  # span still being prefilled: keep the KV private for now
         super().checkpoint(req, up_to=up_to, **kwargs)
+        self.stats.publish()
 
     def _maybe_compress(self, req, up_to: int) -> bool:
         """Compress the request's new candidates once they are all prefilled.
@@ -128,9 +129,10 @@ class CompressedRadixCache(RadixCache):
         result = self.compressor.compress(row, positions, settings)
         elapsed = time.perf_counter() - started
         state["done"] = True
-        self.stats.record(result.num_candidates, result.num_kept, elapsed)
-        upstream.report_to_request(req, logical=result.num_candidates, kept=result.num_kept,
-                                   prompt_tokens=prompt_len)
+        self.stats.record(result.num_candidates, result.num_kept, elapsed, publish=False)
+        kv_slots = int((row[:prompt_len] != SENTINEL_SLOT).sum())
+        upstream.report_to_request(req, candidates=result.num_candidates, kept=result.num_kept,
+                                   prompt_tokens=prompt_len, prompt_kv_slots=kv_slots)
         if result.num_dropped:
             logger.debug("request %s: kept %d of %d candidates (%.1f ms)", rid, result.num_kept,
                          result.num_candidates, elapsed * 1e3)
@@ -147,12 +149,21 @@ class CompressedRadixCache(RadixCache):
 
     # ---------------------------------------------------------------- physical accounting
     def reset(self):
+        allocator = self.token_to_kv_pool_allocator
+        if getattr(self, "_pending", None) is not None and allocator is not None:
+            # SGLang's flush clears the allocator wholesale after this; evicting first gives
+            # every cached slot back through the allocator, so the published free count proves
+            # the tree held exactly the slots it accounted for.
+            self.evict(upstream.EvictParams(num_tokens=self.evictable_size_ + 1))
+            self.stats.last_flush = {"available_after_evict": int(allocator.available_size()),
+                                     "allocator_size": int(allocator.size),
+                                     "tree_protected": int(self.protected_size())}
+            self._pending.clear()
         super().reset()
         self._dropped_evictable = 0
         self._dropped_protected = 0
-        if hasattr(self, "_pending"):
-            self._pending.clear()
-            self.stats.publish()  # a flush returns every slot: make that visible
+        if getattr(self, "stats", None) is not None:
+            self.stats.publish()
 
     def _insert_helper(self, node, key, value, priority: int = 0, inserted_len: int = 0):
         prefix_len, last = super()._insert_helper(node, key, value, priority, inserted_len)

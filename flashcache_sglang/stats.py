@@ -27,6 +27,8 @@ class CompressionStats:
     kept_tokens: int = 0
     compression_seconds: float = 0.0
     probe: Optional[Callable[[], dict]] = field(default=None, repr=False, compare=False)
+    # Set by each cache flush: the allocator's free count once the tree gave every slot back.
+    last_flush: Optional[dict] = None
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -35,14 +37,15 @@ class CompressionStats:
     def slots_saved(self) -> int:
         return self.candidate_tokens - self.kept_tokens
 
-    def record(self, candidates: int, kept: int, seconds: float) -> None:
+    def record(self, candidates: int, kept: int, seconds: float, publish: bool = True) -> None:
         with self._lock:
             if candidates > kept:
                 self.requests_compressed += 1
             self.candidate_tokens += candidates
             self.kept_tokens += kept
             self.compression_seconds += seconds
-        self.publish()
+        if publish:
+            self.publish()
 
     def snapshot(self) -> dict:
         data = {
@@ -50,6 +53,7 @@ class CompressionStats:
             "candidate_tokens": self.candidate_tokens,
             "kept_tokens": self.kept_tokens,
             "compression_seconds": self.compression_seconds,
+            "last_flush": self.last_flush,
         }
         data["slots_saved"] = self.slots_saved
         data["time"] = time.time()

@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 from sglang.srt.layers.attention import attention_registry
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache import registry as radix_registry
-from sglang.srt.mem_cache.base_prefix_cache import EvictResult, MatchPrefixParams
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult, MatchPrefixParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
 SGLANG_VERSION = "0.5.23"
@@ -40,7 +40,7 @@ NAMESPACE_MARK = "flashcache/"
 DUMP_DIR_ENV = "FLASHCACHE_DUMP_DIR"
 
 __all__ = [
-    "AttentionBackend", "EvictResult", "MatchPrefixParams", "RadixCache", "RadixKey", "TreeNode",
+    "AttentionBackend", "EvictParams", "EvictResult", "MatchPrefixParams", "RadixCache", "RadixKey", "TreeNode",
     "check_upstream", "filter_sentinel_frees", "register_radix_backend", "wrap_attention_backends",
 ]
 
@@ -220,12 +220,16 @@ def with_extra_key(params: MatchPrefixParams, extra_key: Optional[str]) -> Match
     return dataclasses.replace(params, key=new_key)
 
 
-def report_to_request(req, *, logical: int, kept: int, prompt_tokens: int) -> None:
-    """Per-request numbers, returned to the client in meta_info (SGLang's customized_info)."""
+def report_to_request(req, *, candidates: int, kept: int, prompt_tokens: int, prompt_kv_slots: int) -> None:
+    """Per-request numbers, returned to the client in meta_info["flashcache"].
+
+    ``prompt_tokens`` is logical; ``prompt_kv_slots`` the KV slots the prompt really holds after
+    compression (a reused compressed prefix included); ``candidate_tokens`` / ``kept_tokens``
+    describe what this request compressed itself (0 / 0 when its candidates came from the cache).
+    """
     info = req.customized_info if req.customized_info is not None else {}
-    info["flashcache"] = [{"candidate_tokens": logical, "kept_tokens": kept,
-                           "prompt_tokens": prompt_tokens,
-                           "kv_slots_saved": logical - kept}]
+    info["flashcache"] = [{"prompt_tokens": prompt_tokens, "prompt_kv_slots": prompt_kv_slots,
+                           "candidate_tokens": candidates, "kept_tokens": kept}]
     req.customized_info = info
 
 
