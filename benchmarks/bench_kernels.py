@@ -1,0 +1,342 @@
+"""Whole-model FlashCache compression time for one sequence: our kernels vs torch vs the floor.
+
+Pipeline (what the SGLang integration runs after a request's prefill), for every N:
+  score (all layers)  ->  allocate per-layer budgets  ->  select one shared keep set
+  ->  compact kept K/V of all layers into fresh pages (page_size 16).
+
+Variants timed in the same run:
+  triton          flashcache_sglang.kernels (folded low-pass matmul scoring, Triton selection
+                  and compaction)
+  torch_reference the float32 references (gather, FFT-based DCT, stable sorts, index copies)
+  torch_matmul    scoring only: gather + cuBLAS low-pass projection (transform-choice evidence)
+  floor           bytes that must move / measured device copy bandwidth
+
+Usage:
+  python benchmarks/bench_kernels.py --device cpu --sizes tiny          # seconds, any machine
+  python benchmarks/bench_kernels.py --device cuda --sizes paper        # 2K, 4K, 8K
+  python benchmarks/bench_kernels.py --device cuda --sizes 32k
+  add --sweep-configs to time a few scoring tile configurations as well.
+Writes JSON (device, versions, median and spread of every timing) to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PAPER_MS = {2048: 1.66, 4096: 3.86, 8192: 6.77}  # FlashCache paper, whole model, one sequence
+TARGET_MS = {8192: 0.7}  # issue 4: H100
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+
+SIZES = {
+    # Qwen2.5-VL-7B's KV cache.
+    "paper": (ModelShape(28, 4, 128, torch.bfloat16), [2048, 4096, 8192]),
+    "32k": (ModelShape(28, 4, 128, torch.bfloat16), [32768]),
+    # Keeps the script working on a CPU in seconds.
+    "tiny": (ModelShape(2, 2, 64, torch.float32), [63, 200]),
+}
+GAMMA, RETENTION, PAGE_SIZE = 0.2, 0.2, 16
+
+
+def timings_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> list[float]:
+    """Per-call times in ms; on CUDA triton.testing.do_bench (flushes L2 between calls)."""
+    fn()  # compile / warm caches outside the measurement
+    if device.type == "cuda":
+        import triton.testing
+
+        return list(triton.testing.do_bench(fn, warmup=25, rep=max(100, repeats), return_mode="all"))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def summary(times: list[float]) -> dict:
+    ordered = sorted(times)
+    quantile = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {
+        "median_ms": statistics.median(ordered),
+        "p10_ms": quantile(0.1),
+        "p90_ms": quantile(0.9),
+        "min_ms": ordered[0],
+        "count": len(ordered),
+    }
+
+
+def copy_bandwidth_gbps(device: torch.device) -> float:
+    """Device-to-device copy bandwidth (read + write bytes per second) on a large buffer."""
+    num_bytes = (1 << 30) if device.type == "cuda" else (64 << 20)
+    source = torch.empty(num_bytes, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    times = timings_ms(lambda: target.copy_(source), device, repeats=20)
+    return 2 * num_bytes / (statistics.median(times) * 1e-3) / 1e9
+
+
+def device_budgets(ratios: torch.Tensor, total: int, cap: int) -> torch.Tensor:
+    """Per-layer budgets proportional to the high-frequency ratio, on the device, no sync.
+
+    A stand-in for flashcache_sglang.method.budget.allocate_budgets (host bisection, timed
+    separately): one proportional split, capped, remainder by largest fraction.
+    """
+    share = ratios.clamp_min(0) + 1e-9
+    continuous = (share / share.sum() * total).clamp(max=cap)
+    budgets = continuous.floor().long()
+    remainder = total - budgets.sum()
+    order = torch.argsort(continuous - budgets, descending=True)
+    bump = (torch.arange(budgets.numel(), device=ratios.device) < remainder).long()
+    budgets[order] += bump
+    return budgets.clamp(max=cap)
+
+
+def shared_scores(layer_deviation: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
+    """One score per token for a keep set shared by all layers: each layer's deviation,
+    normalised by its mean, weighted by the layer's budget share."""
+    normalised = layer_deviation / layer_deviation.mean(dim=1, keepdim=True).clamp_min(1e-12)
+    return (normalised * (budgets / budgets.sum()).unsqueeze(1)).sum(0)
+
+
+def make_problem(shape: ModelShape, num_tokens: int, device: torch.device, seed: int = 0):
+    """A pool with the span on scattered pages, spare pages for compaction, a protected tail."""
+    generator = torch.Generator().manual_seed(seed)
+    num_pages = 2 * math.ceil(num_tokens / PAGE_SIZE) + 2
+    num_slots = num_pages * PAGE_SIZE
+
+    def buffer() -> torch.Tensor:
+        x = torch.randn(num_slots, shape.num_kv_heads, shape.head_dim, generator=generator)
+        return x.to(shape.dtype).to(device)
+
+    k_buffers = [buffer() for _ in range(shape.num_layers)]
+    v_buffers = [buffer() for _ in range(shape.num_layers)]
+    pages = torch.randperm(num_pages - 1, generator=generator) + 1
+    span_pages = pages[: math.ceil(num_tokens / PAGE_SIZE)]
+    offsets = torch.arange(num_tokens)
+    slots = (span_pages[offsets // PAGE_SIZE] * PAGE_SIZE + offsets % PAGE_SIZE).to(device)
+    budget = max(1, int(RETENTION * num_tokens))
+    new_pages = pages[len(span_pages) : len(span_pages) + math.ceil(budget / PAGE_SIZE)].to(device)
+    protected = torch.zeros(num_tokens, dtype=torch.bool, device=device)
+    protected[-max(1, num_tokens // 64) :] = True  # e.g. the text after the video
+    return k_buffers, v_buffers, slots, budget, new_pages, protected
+
+
+def pipeline(problem, backend: str):
+    from flashcache_sglang.kernels import compact_kept, score_span, select_kept
+
+    k_buffers, v_buffers, slots, budget, new_pages, protected = problem
+    num_layers, num_tokens = len(k_buffers), slots.numel()
+
+    def run():
+        scores = score_span(k_buffers, v_buffers, slots, GAMMA, backend=backend)
+        budgets = device_budgets(scores.high_freq_ratio, budget * num_layers, num_tokens)
+        combined = shared_scores(scores.layer_deviation, budgets)
+        kept = select_kept(combined, budget, protected, backend=backend)
+        # Compaction writes into new_pages every call: same bytes each repeat, pool unchanged
+        # where it matters (the span is only read).
+        return compact_kept(k_buffers, v_buffers, slots, kept, PAGE_SIZE, new_pages, backend=backend)
+
+    return run
+
+
+def stage_functions(problem, backend: str) -> dict[str, Callable[[], object]]:
+    from flashcache_sglang.kernels import compact_kept, score_span, select_kept
+
+    k_buffers, v_buffers, slots, budget, new_pages, protected = problem
+    num_layers, num_tokens = len(k_buffers), slots.numel()
+    scores = score_span(k_buffers, v_buffers, slots, GAMMA, backend=backend)
+    budgets = device_budgets(scores.high_freq_ratio, budget * num_layers, num_tokens)
+    combined = shared_scores(scores.layer_deviation, budgets)
+    kept = select_kept(combined, budget, protected, backend=backend)
+    per_layer_budget = torch.full((num_layers,), budget, device=slots.device)
+    return {
+        "score": lambda: score_span(k_buffers, v_buffers, slots, GAMMA, backend=backend),
+        "budgets_device": lambda: device_budgets(scores.high_freq_ratio, budget * num_layers, num_tokens),
+        "select_shared": lambda: select_kept(combined, budget, protected, backend=backend),
+        "select_per_layer": lambda: select_kept(
+            scores.layer_deviation, per_layer_budget, protected, max_budget=budget, backend=backend
+        ),
+        "compact": lambda: compact_kept(
+            k_buffers, v_buffers, slots, kept, PAGE_SIZE, new_pages, backend=backend
+        ),
+    }
+
+
+def torch_matmul_scoring(problem):
+    """Scoring by gather + two cuBLAS matmuls with the dense low-pass DCT rows (unfolded)."""
+    from flashcache_sglang.kernels.scoring.reference import gather_span
+    from flashcache_sglang.method.dct import cutoff_index
+
+    k_buffers, v_buffers, slots, *_ = problem
+    num_tokens = slots.numel()
+    cutoff = cutoff_index(num_tokens, GAMMA)
+    n = torch.arange(num_tokens, device=slots.device, dtype=torch.float64)
+    m = torch.arange(cutoff + 1, device=slots.device, dtype=torch.float64)
+    table = torch.cos(math.pi * (2 * n[None, :] + 1) * m[:, None] / (2 * num_tokens))
+    table = table * torch.where(m == 0, math.sqrt(1 / num_tokens), math.sqrt(2 / num_tokens))[:, None]
+    table = table.to(k_buffers[0].dtype)
+
+    def run():
+        keys, values = gather_span(k_buffers, slots), gather_span(v_buffers, slots)
+        x = torch.cat([keys, values]).transpose(0, 1).reshape(num_tokens, -1)  # [N, 2L*H*D]
+        base = table.t() @ (table @ x)
+        residual = (x.float() - base.float()).square()
+        return residual.view(num_tokens, 2, len(k_buffers), keys.shape[2], -1).mean(-1).sum(1)
+
+    return run
+
+
+def floor_bytes(shape: ModelShape, num_tokens: int) -> int:
+    """Read the span's K/V of every layer once, then read + write the kept share (compaction)."""
+    element = torch.tensor([], dtype=shape.dtype).element_size()
+    span = 2 * shape.num_layers * num_tokens * shape.num_kv_heads * shape.head_dim * element
+    return span + 2 * int(span * RETENTION)
+
+
+def sweep_configs(problem, device: torch.device, repeats: int) -> list[dict]:
+    """Scoring time for tile variants: each kernel's tiles varied with the other's at default."""
+    from flashcache_sglang.kernels.scoring.triton import GPU_CONFIG, KernelTiles, score_span_triton
+
+    k_buffers, v_buffers, slots, *_ = problem
+    coefficient_tiles = [(64, 64, 0, 8), (128, 64, 0, 8), (64, 32, 0, 4), (128, 32, 0, 8), (64, 64, 0, 4)]
+    residual_tiles = [(64, 64, 64, 8), (64, 64, 32, 8), (128, 64, 32, 8), (64, 32, 64, 4), (64, 64, 128, 8)]
+    configs = [
+        replace(GPU_CONFIG, coefficients=KernelTiles(*tiles, num_stages=3)) for tiles in coefficient_tiles
+    ] + [replace(GPU_CONFIG, residual=KernelTiles(*tiles, num_stages=3)) for tiles in residual_tiles]
+    results = []
+    for config in configs:
+        try:
+            times = timings_ms(
+                lambda: score_span_triton(k_buffers, v_buffers, slots, GAMMA, config), device, repeats
+            )
+        except Exception as error:  # e.g. a tile too large for shared memory
+            results.append({"config": asdict(config), "error": repr(error)[:300]})
+            continue
+        results.append({"config": asdict(config), **summary(times)})
+        print(f"  {config}: {results[-1]['median_ms']:.3f} ms")
+    return results
+
+
+def versions(device: torch.device) -> dict:
+    import triton
+
+    info = {
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+    }
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sizes", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--tokens", type=int, nargs="*", help="override the N list of --sizes")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls (CPU) / min rep ms (CUDA)")
+    parser.add_argument("--skip-reference", action="store_true", help="skip the torch reference pipeline")
+    parser.add_argument("--sweep-configs", action="store_true", help="also time scoring tile configs")
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        import os
+
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
+    shape, token_counts = SIZES[args.sizes]
+    token_counts = args.tokens or token_counts
+    repeats = args.repeats or (100 if device.type == "cuda" else 1)
+    bandwidth = copy_bandwidth_gbps(device)
+    info = versions(device)
+    print(f"device: {info['device_name']}  copy bandwidth {bandwidth:.0f} GB/s  shape {shape}")
+
+    # On CPU the Triton path runs interpreted: it proves the script works, not speed.
+    triton_backend = "triton"
+    rows = []
+    for num_tokens in token_counts:
+        problem = make_problem(shape, num_tokens, device)
+        row = {"num_tokens": num_tokens}
+        row["floor"] = {
+            "bytes": floor_bytes(shape, num_tokens),
+            "median_ms": floor_bytes(shape, num_tokens) / (bandwidth * 1e9) * 1e3,
+        }
+        row["triton"] = summary(timings_ms(pipeline(problem, triton_backend), device, repeats))
+        row["triton_stages"] = {
+            name: summary(timings_ms(fn, device, repeats))
+            for name, fn in stage_functions(problem, triton_backend).items()
+        }
+        if not args.skip_reference:
+            row["torch_reference"] = summary(timings_ms(pipeline(problem, "reference"), device, repeats))
+            row["torch_reference_stages"] = {
+                name: summary(timings_ms(fn, device, repeats))
+                for name, fn in stage_functions(problem, "reference").items()
+            }
+        row["torch_matmul_score"] = summary(timings_ms(torch_matmul_scoring(problem), device, repeats))
+        from flashcache_sglang.method.budget import allocate_budgets
+
+        ratios = torch.rand(shape.num_layers, device=device)
+        budget = problem[3]
+        row["allocate_budgets_host"] = summary(
+            timings_ms(
+                lambda: allocate_budgets(ratios, budget * shape.num_layers, 0, num_tokens),
+                device, min(repeats, 20),
+            )
+        )
+        if args.sweep_configs:
+            row["scoring_config_sweep"] = sweep_configs(problem, device, repeats)
+        if num_tokens in PAPER_MS:
+            row["paper_ms"] = PAPER_MS[num_tokens]
+        rows.append(row)
+        reference = row.get("torch_reference", {}).get("median_ms", float("nan"))
+        print(
+            f"N={num_tokens:6d}  triton {row['triton']['median_ms']:.3f} ms  "
+            f"torch {reference:.3f} ms  floor {row['floor']['median_ms']:.3f} ms  "
+            f"score {row['triton_stages']['score']['median_ms']:.3f}  "
+            f"torch_matmul_score {row['torch_matmul_score']['median_ms']:.3f}"
+        )
+        del problem
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    slug = re.sub(r"[^a-z0-9]+", "-", info["device_name"].lower()).strip("-") or "cpu"
+    output = args.output or RESULTS / f"kernels_{slug}_{args.sizes}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "benchmark": "flashcache whole-model compression, one sequence",
+        "device": info,
+        "copy_bandwidth_gbps": bandwidth,
+        "shape": {**asdict(shape), "dtype": str(shape.dtype)},
+        "gamma": GAMMA,
+        "retention": RETENTION,
+        "page_size": PAGE_SIZE,
+        "timing": "triton.testing.do_bench, L2 flushed" if device.type == "cuda" else "perf_counter, interpreter",
+        "target_ms": TARGET_MS,
+        "results": rows,
+    }
+    output.write_text(json.dumps(report, indent=2))
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()

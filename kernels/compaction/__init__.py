@@ -1,0 +1,1 @@
+"""compaction: reference.py (torch, float32) and triton.py (kernel + launcher)."""

@@ -1,0 +1,131 @@
+"""Compile every kernel for a CUDA architecture without a GPU, and report registers and spills.
+
+The CPU interpreter checks the math but not the compiled path (pointer casts, tensor-core
+dots, register pressure). Triton can compile ahead of time to a cubin with its bundled ptxas,
+no device needed; this catches compile errors in CI and shows register spills of the tiles.
+
+    python -m flashcache_sglang.kernels.compile_check [--arch 90] [--dtypes bf16 fp32]
+
+Must run without TRITON_INTERPRET (the kernels must be JIT functions, not interpreted ones).
+Exits 1 if any kernel fails to compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from .compaction import triton as compaction
+from .flashinfer_index import triton as flashinfer_index
+from .scoring import triton as scoring
+from .selection import triton as selection
+
+DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
+HEAD_DIM = 128  # Qwen2.5-VL-7B
+
+
+def _scoring_kernels(dtype_name: str):
+    dtype = DTYPES[dtype_name]
+    pool = f"*{dtype_name}"
+    shared = dict(pool_ptrs="*u64", pool_ref=pool, slot_ptr="*i64", table_ptr=pool, coefficient_ptr=pool)
+    sizes = dict(num_tokens="i32", num_half="i32", num_even="i32", num_odd="i32")
+    precision = dict(UPCAST_DOT=False, IEEE_DOT=dtype == tl.float32)
+    tiles_a, tiles_b = scoring.GPU_CONFIG.coefficients, scoring.GPU_CONFIG.residual
+    yield (
+        scoring._lowpass_coefficients_kernel,
+        dict(shared, energy_ptr="*fp32", **sizes, num_even_blocks="i32", num_kv_heads="i32",
+             num_columns="i32", slot_stride="i32"),
+        dict(HEAD_DIM=HEAD_DIM, BLOCK_D=HEAD_DIM, BLOCK_W=tiles_a.block_rows,
+             BLOCK_N=tiles_a.block_tokens, COMPUTE_DTYPE=dtype, **precision),
+        tiles_a.num_warps, tiles_a.num_stages, dtype_name,
+    )
+    yield (
+        scoring._lowpass_residual_kernel,
+        dict(shared, deviation_ptr="*fp32", energy_ptr="*fp32", **sizes, num_layers="i32",
+             num_kv_heads="i32", num_columns="i32", slot_stride="i32"),
+        dict(HEAD_DIM=HEAD_DIM, BLOCK_D=tiles_b.block_dim or HEAD_DIM, BLOCK_W=tiles_b.block_rows,
+             BLOCK_N=tiles_b.block_tokens, **precision),
+        tiles_b.num_warps, tiles_b.num_stages, dtype_name,
+    )
+
+
+def _other_kernels():
+    yield (
+        selection._select_kernel,
+        dict(score_ptr="*fp32", protected_ptr="*u8", budget_ptr="*i64", kept_ptr="*i64",
+             num_tokens="i32", max_budget="i32", score_row_stride="i32", protected_row_stride="i32"),
+        dict(BLOCK=selection.GPU_BLOCK), 4, 1, "fp32 scores",
+    )
+    yield (
+        compaction._copy_slots_kernel,
+        dict(pool_ptrs="*u64", pool_ref="*bf16", source_ptr="*i64", destination_ptr="*i64",
+             num_moves="i32", slot_stride="i32"),
+        dict(ROW=4 * HEAD_DIM, BLOCK_TOKENS=compaction.GPU_BLOCK_TOKENS,
+             BLOCK_COLUMNS=compaction.BLOCK_COLUMNS), 4, 1, "bf16",
+    )
+    for page_size in (1, 16):
+        yield (
+            flashinfer_index._flashinfer_indices_kernel,
+            dict(req_to_token_ptr="*i32", req_pool_indices_ptr="*i64", seq_lens_ptr="*i32",
+                 kv_indptr_ptr="*i32", kv_indices_ptr="*i32", row_stride="i32", sentinel="i32"),
+            dict(PAGE_SIZE=page_size, BLOCK=flashinfer_index.GPU_BLOCK), 4, 1, f"page_size {page_size}",
+        )
+
+
+def _ptxas_report(ptx: str, arch: int) -> str:
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    suffix = "a" if arch >= 90 else ""
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as handle:
+        handle.write(ptx)
+    try:
+        result = subprocess.run(
+            [ptxas, "-v", f"--gpu-name=sm_{arch}{suffix}", handle.name, "-o", os.devnull],
+            capture_output=True, text=True, check=False,
+        )
+    finally:
+        os.unlink(handle.name)
+    registers = re.search(r"Used (\d+) registers", result.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", result.stderr)
+    return f"registers={registers.group(1) if registers else '?'} spill_stores={spills.group(1) if spills else '?'}B"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 90")
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16"])
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
+        return 2
+    target = GPUTarget("cuda", args.arch, 32)
+    kernels = [item for name in args.dtypes for item in _scoring_kernels(name)] + list(_other_kernels())
+    failures = 0
+    for kernel, signature, constants, num_warps, num_stages, variant in kernels:
+        signature = {**signature, **{name: "constexpr" for name in constants}}
+        label = f"{kernel.__name__} ({variant})"
+        try:
+            compiled = triton.compile(
+                ASTSource(kernel, signature, constants),
+                target=target,
+                options=dict(num_warps=num_warps, num_stages=num_stages),
+            )
+        except Exception as error:  # report every kernel, then fail
+            failures += 1
+            print(f"FAIL {label}: {error!r}"[:2000])
+            continue
+        report = _ptxas_report(compiled.asm["ptx"], args.arch)
+        print(f"ok   {label}: shared={compiled.metadata.shared}B {report}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

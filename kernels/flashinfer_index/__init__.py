@@ -1,0 +1,1 @@
+"""flashinfer_index: reference.py (torch, float32) and triton.py (kernel + launcher)."""

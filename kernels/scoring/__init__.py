@@ -1,0 +1,1 @@
+"""scoring: reference.py (torch, float32) and triton.py (kernel + launcher)."""
