@@ -85,22 +85,18 @@ class RowCompressor:
     def __init__(self, kv_pool, free_slots) -> None:
         self.kv_pool = kv_pool
         self.free_slots = free_slots
-        self._policies: dict[tuple, object] = {}
 
     def _policy(self, config: FlashCacheConfig):
-        key = (config.policy, config.retention, config.gamma)
-        if key not in self._policies:
-            kwargs = {"retention": config.retention}
-            if config.policy.startswith("flashcache"):
-                kwargs["gamma"] = config.gamma
-            policy = make_policy(config.policy, **kwargs)
-            if getattr(policy, "needs_queries", False):
-                raise ValueError(
-                    f"policy {config.policy!r} needs attention queries, which the engine does not "
-                    "keep; use it in the reference path (flashcache_sglang.reference) only"
-                )
-            self._policies[key] = policy
-        return self._policies[key]
+        kwargs = {"retention": config.retention}
+        if config.policy.startswith("flashcache"):
+            kwargs["gamma"] = config.gamma
+        policy = make_policy(config.policy, **kwargs)
+        if getattr(policy, "needs_queries", False):
+            raise ValueError(
+                f"policy {config.policy!r} needs attention queries, which the engine does not "
+                "keep; use it in the reference path (flashcache_sglang.reference) only"
+            )
+        return policy
 
     def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of ``slots`` for every layer: two ``[num_layers, n, num_kv_heads, head_dim]``."""
@@ -110,21 +106,38 @@ class RowCompressor:
         values = torch.stack([pool.get_value_buffer(layer)[slots] for layer in layers])
         return keys, values
 
+    def keep_mask(self, slots: torch.Tensor, num_keep: int, config: FlashCacheConfig) -> torch.Tensor:
+        """Which of ``slots`` ([n] int64, position order) to keep: exactly ``num_keep``, bool [n]."""
+        count = int(slots.numel())
+        if num_keep >= count:
+            return torch.ones(count, dtype=torch.bool, device=slots.device)
+        if num_keep <= 0:
+            return torch.zeros(count, dtype=torch.bool, device=slots.device)
+        keys, values = self.gather(slots)
+        span = KVSpan(keys=keys, values=values,
+                      candidate_mask=torch.ones(count, dtype=torch.bool, device=keys.device))
+        policy = self._policy(config if num_keep == round(config.retention * count)
+                              else _with_retention(config, num_keep / count))
+        return policy.select(span).shared_mask().to(slots.device)
+
     def compress(self, row: torch.Tensor, positions: torch.Tensor, config: FlashCacheConfig) -> RowCompression:
         """Drop the low-deviation candidates at ``positions`` of ``row`` (edited in place)."""
         num_candidates = int(positions.numel())
         empty = torch.empty(0, dtype=torch.int64)
-        if not config.enabled or num_candidates < max(config.min_candidates, 1):
+        if config.retention >= 1.0 or num_candidates < max(config.min_candidates, 1):
             return RowCompression(num_candidates, num_candidates, empty)
         positions = positions.to(row.device)
         slots = row[positions].to(torch.int64)
         if bool((slots == SENTINEL_SLOT).any()):
             raise RuntimeError("compressing a row position that is already dropped: double compression")
-        keys, values = self.gather(slots)
-        span = KVSpan(keys=keys, values=values,
-                      candidate_mask=torch.ones(num_candidates, dtype=torch.bool, device=keys.device))
-        keep = self._policy(config).select(span).shared_mask().to(row.device)
+        keep = self.keep_mask(slots, round(config.retention * num_candidates), config)
         dropped = positions[~keep]
         self.free_slots(slots[~keep])
         row[dropped] = SENTINEL_SLOT
         return RowCompression(num_candidates, int(keep.sum()), dropped.cpu())
+
+
+def _with_retention(config: FlashCacheConfig, retention: float) -> FlashCacheConfig:
+    import dataclasses
+
+    return dataclasses.replace(config, retention=min(max(retention, 1e-6), 1.0))

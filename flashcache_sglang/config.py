@@ -34,6 +34,14 @@ class FlashCacheConfig:
         sink_tokens / recent_tokens: protected ends of the prompt in ``text`` mode.
         min_candidates: spans with fewer candidate tokens are left alone (a DCT over a handful of
             tokens says nothing).
+
+    Per request only (``custom_params.flashcache``), for memories that grow, such as streams:
+        namespace: requests with the same explicit namespace share compressed prefixes whatever
+            their retention (a stream sends ``stream/<id>`` with every ingest and question).
+        memory_cap_tokens: after compressing its new candidates, a request whose prompt still
+            holds more candidate KV slots than this re-scores the older kept candidates of its
+            prefix and drops the lowest until they fit (see CompressedRadixCache).
+        keep_sink: never shrink the first multimodal item (the stream's first chunk).
     """
 
     retention: float = 0.2
@@ -43,6 +51,9 @@ class FlashCacheConfig:
     sink_tokens: int = 4
     recent_tokens: int = 64
     min_candidates: int = 16
+    namespace_override: Optional[str] = None
+    memory_cap_tokens: Optional[int] = None
+    keep_sink: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -62,26 +73,36 @@ class FlashCacheConfig:
             value = getattr(self, flag)
             need(isinstance(value, int) and value >= 0, flag.replace("_", "-"), value,
                  "an integer >= 0")
+        need(self.memory_cap_tokens is None or (isinstance(self.memory_cap_tokens, int)
+                                                and self.memory_cap_tokens >= 1),
+             "memory-cap-tokens", self.memory_cap_tokens, "an integer >= 1")
+        need(self.namespace_override is None or (isinstance(self.namespace_override, str)
+                                                 and 0 < len(self.namespace_override) <= 256),
+             "namespace", self.namespace_override, "a non-empty string of at most 256 characters")
 
     def with_overrides(self, overrides: Optional[Mapping[str, Any]]) -> "FlashCacheConfig":
         """This config with a request's own settings applied (unknown keys are an error)."""
         if not overrides:
             return self
-        allowed = {"retention", "gamma"}
+        renamed = {"namespace": "namespace_override"}
+        allowed = {"retention", "gamma", "namespace", "memory_cap_tokens", "keep_sink"}
         unknown = set(overrides) - allowed
         if unknown:
             raise ValueError(
                 f"custom_params.flashcache has unknown keys {sorted(unknown)}; "
                 f"allowed: {sorted(allowed)}"
             )
-        return dataclasses.replace(self, **dict(overrides))
+        return dataclasses.replace(self, **{renamed.get(k, k): v for k, v in overrides.items()})
 
     @property
     def enabled(self) -> bool:
-        return self.retention < 1.0
+        """Whether requests with these settings may drop tokens at all."""
+        return self.retention < 1.0 or self.memory_cap_tokens is not None
 
     def namespace(self) -> str:
         """Radix-tree namespace: compressed prefixes are shared only within equal settings."""
+        if self.namespace_override is not None:
+            return f"flashcache/ns={self.namespace_override}"
         if not self.enabled:
             return ""
         return (f"flashcache/{self.policy}/r={self.retention:g}/g={self.gamma:g}/{self.candidates}"

@@ -130,6 +130,8 @@ class CompressedRadixCache(RadixCache):
         elapsed = time.perf_counter() - started
         state["done"] = True
         self.stats.record(result.num_candidates, result.num_kept, elapsed, publish=False)
+        if settings.memory_cap_tokens is not None:
+            self._shrink_to_cap(req, row, settings, spans, prompt_len)
         kv_slots = int((row[:prompt_len] != SENTINEL_SLOT).sum())
         upstream.report_to_request(req, candidates=result.num_candidates, kept=result.num_kept,
                                    prompt_tokens=prompt_len, prompt_kv_slots=kv_slots)
@@ -138,6 +140,57 @@ class CompressedRadixCache(RadixCache):
                          result.num_candidates, elapsed * 1e3)
             upstream.dump_kept_positions(req, positions, result.dropped_positions)
         return True
+
+    def _shrink_to_cap(self, req, row, settings: FlashCacheConfig, spans, prompt_len: int) -> None:
+        """Re-score the prompt's kept candidates and drop the lowest until they fit the cap.
+
+        Positions before ``cache_protected_len`` live in tree nodes: they are dropped in the
+        nodes themselves, and only where this request is the node's sole holder (lock_ref 1), so
+        no other running request can still read a slot that is freed here. The first multimodal
+        item is left alone when ``keep_sink`` is set.
+        """
+        cap = settings.memory_cap_tokens
+        positions = candidate_positions(settings, spans, prompt_len, 0, prompt_len).to(row.device)
+        kept = positions[row[positions] != SENTINEL_SLOT]
+        if kept.numel() <= cap:
+            return
+        protected_len = upstream.cache_protected_len(req)
+        owners = self._path_owners(req.last_node, protected_len)
+        shrinkable = torch.ones(kept.numel(), dtype=torch.bool, device=kept.device)
+        if settings.keep_sink and spans:
+            begin, end = spans[0]
+            shrinkable &= (kept < begin) | (kept >= end)
+        for index, position in enumerate(kept.tolist()):
+            if position < protected_len and owners[position][0].lock_ref > 1:
+                shrinkable[index] = False
+        candidates = kept[shrinkable]
+        num_keep = max(candidates.numel() - (kept.numel() - cap), 0)
+        if candidates.numel() == 0 or num_keep >= candidates.numel():
+            return
+        slots = row[candidates].to(torch.int64)
+        keep = self.compressor.keep_mask(slots, num_keep, settings)
+        dropped = candidates[~keep]
+        for position in dropped.tolist():
+            if position < protected_len:
+                node, offset = owners[position]
+                node.value[offset] = SENTINEL_SLOT
+                node.fc_dropped = getattr(node, "fc_dropped", 0) + 1
+                self._dropped_protected += 1  # the node is locked by this request
+        self.compressor.free_slots(slots[~keep])
+        row[dropped] = SENTINEL_SLOT
+        self.stats.record_shrink(int(dropped.numel()))
+
+    def _path_owners(self, last_node, length: int) -> dict:
+        """Logical position -> (tree node, offset in its value) for positions < ``length``."""
+        nodes = list(self._walk_to_root(last_node))[::-1]
+        owners, start = {}, 0
+        for node in nodes:
+            for offset in range(len(node.value)):
+                if start + offset >= length:
+                    return owners
+                owners[start + offset] = (node, offset)
+            start += len(node.value)
+        return owners
 
     @staticmethod
     def _has_candidates(settings, spans, prompt_len, start, end) -> bool:

@@ -23,6 +23,7 @@ class CompressionStats:
     """Cumulative counters; ``snapshot()`` adds whatever ``probe`` reports (pool state)."""
 
     requests_compressed: int = 0
+    shrink_dropped_tokens: int = 0
     candidate_tokens: int = 0
     kept_tokens: int = 0
     compression_seconds: float = 0.0
@@ -47,9 +48,14 @@ class CompressionStats:
         if publish:
             self.publish()
 
+    def record_shrink(self, dropped: int) -> None:
+        with self._lock:
+            self.shrink_dropped_tokens += dropped
+
     def snapshot(self) -> dict:
         data = {
             "requests_compressed": self.requests_compressed,
+            "shrink_dropped_tokens": self.shrink_dropped_tokens,
             "candidate_tokens": self.candidate_tokens,
             "kept_tokens": self.kept_tokens,
             "compression_seconds": self.compression_seconds,

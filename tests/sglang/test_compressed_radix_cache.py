@@ -892,3 +892,70 @@ class TestUpstreamContract:
             harness.allocator.free(slots[:1].clone())
         with pytest.raises(RuntimeError, match="double free"):
             harness.allocator.free(torch.tensor([7, 7], dtype=torch.int64))
+
+
+# ================================================================= 8. memory cap (streams)
+class TestMemoryCap:
+    """A growing memory (one chunk of visual tokens per request) stays under its cap."""
+
+    CHUNK, TEXT, CAP = 24, 3, 40
+
+    def stream_request(self, index: int, *, keep_sink: bool = True, namespace: str = "stream/a"):
+        ids, spans = [], []
+        for chunk in range(index + 1):
+            ids += tokens(self.TEXT, 5000 + 100 * chunk)
+            spans.append((len(ids), len(ids) + self.CHUNK))
+            ids += tokens(self.CHUNK, 10_000 + 100 * chunk)
+        ids += tokens(2, 9000)
+        overrides = {"retention": 0.5, "namespace": namespace, "memory_cap_tokens": self.CAP,
+                     "keep_sink": keep_sink}
+        return FakeReq(f"chunk-{namespace}-{index}", ids, flashcache=overrides, multimodal_spans=spans), spans
+
+    def kept_visual(self, harness, req, spans) -> torch.Tensor:
+        row = harness.row(req)
+        positions = torch.cat([torch.arange(b, e) for b, e in spans])
+        return positions[row[positions] != 0]
+
+    def test_kept_visual_tokens_stay_under_the_cap(self):
+        harness = Harness(FlashCacheConfig(retention=0.5, candidates="multimodal", min_candidates=4),
+                          pool_size=512, max_context_len=512)
+        for index in range(8):
+            req, spans = self.stream_request(index)
+            assert harness.start(req)
+            if index > 0:
+                assert req.prefix_len >= spans[-1][0] - self.TEXT  # the memory prefix was reused
+            harness.cache.checkpoint(req, up_to=len(req.origin_input_ids))
+            kept = self.kept_visual(harness, req, spans)
+            assert kept.numel() <= self.CAP
+            sink_begin, sink_end = spans[0]
+            assert int(((kept >= sink_begin) & (kept < sink_end)).sum()) == round(0.5 * self.CHUNK)
+            harness.check()
+            harness.finish(req)
+            harness.check()
+        assert harness.cache.stats.shrink_dropped_tokens > 0
+        harness.evict_all()
+        assert harness.allocator.available_size() == harness.start_available
+
+    def test_nodes_held_by_another_request_are_not_shrunk(self):
+        harness = Harness(FlashCacheConfig(retention=0.5, candidates="multimodal", min_candidates=4),
+                          pool_size=512, max_context_len=512)
+        for index in range(2):
+            harness.run(self.stream_request(index)[0])
+        reader, _ = self.stream_request(1)
+        reader.rid = "question"
+        reader.origin_input_ids = reader.origin_input_ids + array("q", [77])
+        reader.full_untruncated_fill_ids = reader.origin_input_ids
+        assert harness.start(reader)  # a question in flight holds the memory's nodes
+        held = harness.row(reader)[:reader.prefix_len].clone()
+        req, spans = self.stream_request(4)
+        assert harness.start(req)
+        harness.cache.checkpoint(req, up_to=len(req.origin_input_ids))
+        # Everything the in-flight question reads is still there and still allocated.
+        assert torch.equal(harness.cache.path_device_indices(reader.last_node)[:reader.prefix_len].to(held.dtype), held)
+        assert not set(held[held != 0].tolist()) & set(harness.free_slots())
+        # The new chunk's own (private) tokens were still shrunk to honour the cap where possible.
+        assert harness.cache.stats.shrink_dropped_tokens > 0
+        harness.check()
+        harness.finish(req)
+        harness.abort(reader)
+        harness.check()
