@@ -195,3 +195,27 @@ def test_randomized_workload_leaks_nothing(flashcache_server, tokenizer):
     assert flush["available_after_evict"] == flush["allocator_size"], flush
     assert flashcache_server.alive()
     assert "leak" not in flashcache_server.log_path.read_text().lower()
+
+
+def test_openai_api_and_frontend_language_work_unchanged(flashcache_server):
+    context = open("/usr/share/common-licenses/BSD").read()
+    chat = requests.post(f"{flashcache_server.url}/v1/chat/completions", timeout=600, json={
+        "model": "default", "max_tokens": 8, "temperature": 0,
+        "messages": [{"role": "user", "content": context + "\nWhich license is this?"}]}).json()
+    assert chat["choices"][0]["message"]["content"]
+    assert chat["usage"]["prompt_tokens"] > 200
+
+    import sglang as sgl
+
+    @sgl.function
+    def qa(s, text, question):
+        s += text + "\nQuestion: " + question + "\nAnswer:"
+        s += sgl.gen("answer", max_tokens=8, temperature=0)
+
+    backend = sgl.RuntimeEndpoint(flashcache_server.url)
+    states = []
+    for question in ("Who wrote it?", "Can I copy it?"):
+        states.append(qa.run(text=context, question=question, backend=backend))
+        assert states[-1]["answer"]  # waits: run() executes in a background thread
+    second = states[1].get_meta_info("answer")
+    assert second["cached_tokens"] > 200  # the compressed context was shared between the two
