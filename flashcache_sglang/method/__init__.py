@@ -1,0 +1,1 @@
+"""The FlashCache method: DCT, scoring, budgets."""
