@@ -17,6 +17,26 @@ from typing import Callable, Optional
 
 STATS_FILE_ENV = "FLASHCACHE_STATS_FILE"
 
+_prometheus_counters: Optional[dict] = None
+
+
+def _prometheus() -> Optional[dict]:
+    """Counters on SGLang's /metrics (only with --enable-metrics, which sets the multiprocess
+    directory that prometheus_client must see before it is imported)."""
+    global _prometheus_counters
+    if _prometheus_counters is None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import Counter
+
+        _prometheus_counters = {
+            "candidates": Counter("flashcache_candidate_tokens_total",
+                                  "Prompt tokens FlashCache was allowed to drop"),
+            "kept": Counter("flashcache_kept_tokens_total", "Candidate tokens FlashCache kept"),
+            "saved": Counter("flashcache_kv_slots_saved_total",
+                             "KV slots FlashCache freed (dropped candidates and memory-cap shrinking)"),
+            "seconds": Counter("flashcache_compression_seconds_total", "Time spent compressing rows"),
+        }
+    return _prometheus_counters
+
 
 @dataclass
 class CompressionStats:
@@ -45,12 +65,21 @@ class CompressionStats:
             self.candidate_tokens += candidates
             self.kept_tokens += kept
             self.compression_seconds += seconds
+        counters = _prometheus()
+        if counters is not None:
+            counters["candidates"].inc(candidates)
+            counters["kept"].inc(kept)
+            counters["saved"].inc(candidates - kept)
+            counters["seconds"].inc(seconds)
         if publish:
             self.publish()
 
     def record_shrink(self, dropped: int) -> None:
         with self._lock:
             self.shrink_dropped_tokens += dropped
+        counters = _prometheus()
+        if counters is not None:
+            counters["saved"].inc(dropped)
 
     def snapshot(self) -> dict:
         data = {

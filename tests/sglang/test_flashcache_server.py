@@ -41,7 +41,8 @@ def tokenizer(smollm2_dir):
 
 @pytest.fixture(scope="module")
 def flashcache_server(server_factory, smollm2_dir):
-    return server_factory(smollm2_dir, flashcache=SETTINGS, max_total_tokens=POOL_TOKENS)
+    return server_factory(smollm2_dir, flashcache=SETTINGS, max_total_tokens=POOL_TOKENS,
+                          extra_args=["--enable-metrics"])
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +81,9 @@ def test_compression_frees_most_of_the_candidate_span(flashcache_server, tokeniz
     assert held == report["prompt_kv_slots"] + out["meta_info"]["completion_tokens"] - 1
     assert stats["allocator_available"] + held == stats["allocator_size"]
     assert stats["tree_dropped_entries"] == candidates - report["kept_tokens"]
+    metrics = requests.get(f"{flashcache_server.url}/metrics", timeout=30).text
+    saved = [line for line in metrics.splitlines() if line.startswith("flashcache_kv_slots_saved_total")]
+    assert saved and float(saved[0].split()[-1]) >= candidates - report["kept_tokens"], saved
 
 
 def _engine_continuation_nll(server, context, continuation, **fields):
