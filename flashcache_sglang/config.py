@@ -41,7 +41,8 @@ class FlashCacheConfig:
         memory_cap_tokens: after compressing its new candidates, a request whose prompt still
             holds more candidate KV slots than this re-scores the older kept candidates of its
             prefix and drops the lowest until they fit (see CompressedRadixCache).
-        keep_sink: never shrink the first multimodal item (the stream's first chunk).
+        keep_sink: never shrink the first ``sink_items`` multimodal items (the stream's first
+            chunk: a client that sends a chunk as several videos sets ``sink_items`` to match).
     """
 
     retention: float = 0.2
@@ -54,6 +55,7 @@ class FlashCacheConfig:
     namespace_override: Optional[str] = None
     memory_cap_tokens: Optional[int] = None
     keep_sink: bool = True
+    sink_items: int = 1
 
     def __post_init__(self) -> None:
         self.validate()
@@ -69,7 +71,7 @@ class FlashCacheConfig:
              "gamma", self.gamma, "in (0, 1)")
         need(self.candidates in CANDIDATE_MODES, "candidates", self.candidates,
              f"one of {', '.join(CANDIDATE_MODES)}")
-        for flag in ("sink_tokens", "recent_tokens", "min_candidates"):
+        for flag in ("sink_tokens", "recent_tokens", "min_candidates", "sink_items"):
             value = getattr(self, flag)
             need(isinstance(value, int) and value >= 0, flag.replace("_", "-"), value,
                  "an integer >= 0")
@@ -85,7 +87,7 @@ class FlashCacheConfig:
         if not overrides:
             return self
         renamed = {"namespace": "namespace_override"}
-        allowed = {"retention", "gamma", "namespace", "memory_cap_tokens", "keep_sink"}
+        allowed = {"retention", "gamma", "namespace", "memory_cap_tokens", "keep_sink", "sink_items"}
         unknown = set(overrides) - allowed
         if unknown:
             raise ValueError(

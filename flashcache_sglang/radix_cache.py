@@ -157,9 +157,9 @@ class CompressedRadixCache(RadixCache):
         protected_len = upstream.cache_protected_len(req)
         owners = self._path_owners(req.last_node, protected_len)
         shrinkable = torch.ones(kept.numel(), dtype=torch.bool, device=kept.device)
-        if settings.keep_sink and spans:
-            begin, end = spans[0]
-            shrinkable &= (kept < begin) | (kept >= end)
+        if settings.keep_sink:
+            for begin, end in spans[: settings.sink_items]:
+                shrinkable &= (kept < begin) | (kept >= end)
         for index, position in enumerate(kept.tolist()):
             if position < protected_len and owners[position][0].lock_ref > 1:
                 shrinkable[index] = False
@@ -199,6 +199,7 @@ class CompressedRadixCache(RadixCache):
     def on_release(self, req, *, checkpointed: bool) -> None:
         self._pending.pop(upstream.request_id(req), None)
         super().on_release(req, checkpointed=checkpointed)
+        self.stats.publish(min_interval=0.2)  # live numbers for monitors, rate-limited
 
     # ---------------------------------------------------------------- physical accounting
     def reset(self):

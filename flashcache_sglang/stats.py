@@ -96,10 +96,15 @@ class CompressionStats:
             data.update(self.probe())
         return data
 
-    def publish(self) -> None:
+    def publish(self, min_interval: float = 0.0) -> None:
+        """Rewrite the stats file; with ``min_interval`` skip if it was written that recently."""
         path = os.environ.get(STATS_FILE_ENV)
         if not path:
             return
+        now = time.monotonic()
+        if min_interval and now - getattr(self, "_last_publish", -1e9) < min_interval:
+            return
+        self._last_publish = now
         target = Path(path)
         staging = target.with_suffix(target.suffix + f".{os.getpid()}.tmp")
         staging.write_text(json.dumps(self.snapshot(), indent=1))

@@ -13,6 +13,8 @@ Layers, each behind a small protocol injected at construction:
 - metadata (store.py): MetadataStore, embedded or Redis, namespaced per deployment.
 - service (service.py, backpressure.py, api.py, cli.py): ingest threads with bounded queues,
   questions, resume after restarts, the HTTP API and ``flashcache-stream``.
+- demo (demo.py): ``python -m flashcache_sglang.streaming.demo`` (scripts/demo.sh), a stream's
+  memory in SGLang end to end, with a plot of KV memory over stream time.
 """
 
 from .budget import BudgetSettings, RollingBudget

@@ -15,6 +15,9 @@ Two decisions are made per stream:
    few chunks fit without another shrink. A chunk squeezed below ``min_tokens_per_chunk`` is
    evicted (0 tokens), which keeps memory flat however long the stream runs.
 
+A backend whose server enforces the cap itself (SGLangMemoryBackend: the server re-scores the
+older kept tokens with their real keys) uses only decision 1, through :class:`RetentionSchedule`.
+
 The first chunk is the attention sink: with ``keep_sink`` it is never shrunk (as long as it
 fits in the shrink target on its own).
 
@@ -27,7 +30,15 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
-__all__ = ["BudgetSettings", "MemoryEntry", "ShrinkPlan", "chunk_retention", "plan_shrink", "RollingBudget"]
+__all__ = [
+    "BudgetSettings",
+    "MemoryEntry",
+    "ShrinkPlan",
+    "chunk_retention",
+    "plan_shrink",
+    "RetentionSchedule",
+    "RollingBudget",
+]
 
 _ENERGY_FLOOR = 1e-6  # keeps the energy ratio finite for black / static chunks
 
@@ -206,6 +217,28 @@ def plan_shrink(
             new_kept[entry.index] = kept
         total += kept
     return ShrinkPlan(new_kept=new_kept, incoming_kept=incoming, total_kept=total)
+
+
+@dataclass
+class RetentionSchedule:
+    """Decision 1 alone: each chunk's retention from its energy and the stream's running mean.
+
+    Not thread-safe; the owner holds a lock around it.
+    """
+
+    settings: BudgetSettings
+    mean_energy: float = 0.0
+    num_chunks: int = 0
+
+    def next_retention(self, outlier_energy: float) -> float:
+        """Retention of the next chunk; the chunk's energy joins the running mean."""
+        if self.num_chunks == 0:
+            self.mean_energy = outlier_energy
+        else:
+            alpha = self.settings.energy_smoothing
+            self.mean_energy = (1 - alpha) * self.mean_energy + alpha * outlier_energy
+        self.num_chunks += 1
+        return chunk_retention(outlier_energy, self.mean_energy, self.settings)
 
 
 @dataclass

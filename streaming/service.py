@@ -407,6 +407,8 @@ class StreamManager:
                 outlier_energy=chunk.outlier_energy,
                 ingested_at=time.time(),
                 artifact=receipt.artifact,
+                memory_logical_tokens=receipt.memory.logical_tokens,
+                memory_kept_tokens=receipt.memory.kept_tokens,
             )
         )
         runtime.pending_fields.update(

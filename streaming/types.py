@@ -129,7 +129,12 @@ class MemoryUsage:
 
 @dataclass(frozen=True)
 class ChunkRecord:
-    """The stored trace of one ingested chunk (what survives a service restart)."""
+    """The stored trace of one ingested chunk (what survives a service restart).
+
+    ``memory_logical_tokens`` / ``memory_kept_tokens`` are the whole memory's
+    :class:`MemoryUsage` right after this chunk (the stream's memory curve over time; -1 in
+    records written before they existed).
+    """
 
     index: int
     start_s: float
@@ -141,6 +146,8 @@ class ChunkRecord:
     outlier_energy: float
     ingested_at: float  # wall clock, time.time()
     artifact: str = ""
+    memory_logical_tokens: int = -1
+    memory_kept_tokens: int = -1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
