@@ -39,8 +39,9 @@ class FlashCacheConfig:
         namespace: requests with the same explicit namespace share compressed prefixes whatever
             their retention (a stream sends ``stream/<id>`` with every ingest and question).
         memory_cap_tokens: after compressing its new candidates, a request whose prompt still
-            holds more candidate KV slots than this re-scores the older kept candidates of its
-            prefix and drops the lowest until they fit (see CompressedRadixCache).
+            holds more candidate KV slots (media tokens and their delimiters) than this
+            re-scores the older kept ones of its prefix and drops the lowest until they fit
+            (see CompressedRadixCache).
         keep_sink: never shrink the first ``sink_items`` multimodal items (the stream's first
             chunk: a client that sends a chunk as several videos sets ``sink_items`` to match).
     """

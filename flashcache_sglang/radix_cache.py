@@ -144,13 +144,18 @@ class CompressedRadixCache(RadixCache):
     def _shrink_to_cap(self, req, row, settings: FlashCacheConfig, spans, prompt_len: int) -> None:
         """Re-score the prompt's kept candidates and drop the lowest until they fit the cap.
 
+        In multimodal mode the candidates here are the media tokens and their delimiters.
+
         Positions before ``cache_protected_len`` live in tree nodes: they are dropped in the
         nodes themselves, and only where this request is the node's sole holder (lock_ref 1), so
         no other running request can still read a slot that is freed here. The first multimodal
         item is left alone when ``keep_sink`` is set.
         """
         cap = settings.memory_cap_tokens
-        positions = candidate_positions(settings, spans, prompt_len, 0, prompt_len).to(row.device)
+        # Each media item is wrapped in delimiter tokens (<|vision_start|> ... <|vision_end|>):
+        # they shrink with their item, or an endless stream would still grow by two per item.
+        wrapped = [(max(begin - 1, 0), min(end + 1, prompt_len)) for begin, end in spans]
+        positions = candidate_positions(settings, wrapped, prompt_len, 0, prompt_len).to(row.device)
         kept = positions[row[positions] != SENTINEL_SLOT]
         if kept.numel() <= cap:
             return
@@ -158,7 +163,7 @@ class CompressedRadixCache(RadixCache):
         owners = self._path_owners(req.last_node, protected_len)
         shrinkable = torch.ones(kept.numel(), dtype=torch.bool, device=kept.device)
         if settings.keep_sink:
-            for begin, end in spans[: settings.sink_items]:
+            for begin, end in wrapped[: settings.sink_items]:
                 shrinkable &= (kept < begin) | (kept >= end)
         for index, position in enumerate(kept.tolist()):
             if position < protected_len and owners[position][0].lock_ref > 1:

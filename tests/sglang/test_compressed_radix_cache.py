@@ -913,7 +913,8 @@ class TestMemoryCap:
 
     def kept_visual(self, harness, req, spans) -> torch.Tensor:
         row = harness.row(req)
-        positions = torch.cat([torch.arange(b, e) for b, e in spans])
+        # media tokens and their delimiters (the token before and after each span)
+        positions = torch.cat([torch.arange(b - 1, e + 1) for b, e in spans])
         return positions[row[positions] != 0]
 
     def test_kept_visual_tokens_stay_under_the_cap(self):
@@ -929,6 +930,7 @@ class TestMemoryCap:
             assert kept.numel() <= self.CAP
             sink_begin, sink_end = spans[0]
             assert int(((kept >= sink_begin) & (kept < sink_end)).sum()) == round(0.5 * self.CHUNK)
+            assert int(harness.row(req)[sink_begin - 1]) != 0 and int(harness.row(req)[sink_end]) != 0
             harness.check()
             harness.finish(req)
             harness.check()
