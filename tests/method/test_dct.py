@@ -66,3 +66,15 @@ def test_frequency_scores_shapes_and_ratios():
     assert share.shape == (2,) and bool(((share > 0) & (share < 1)).all())
     with pytest.raises(ValueError, match="values shape"):
         frequency_scores(keys, values[:, :10])
+
+
+def test_matmul_and_fft_lowpass_paths_agree(monkeypatch):
+    import flashcache_sglang.method.scoring as scoring
+
+    keys, values = torch.randn(2, 97, 2, 16, dtype=torch.float64), torch.randn(2, 97, 2, 16, dtype=torch.float64)
+    monkeypatch.setattr(scoring, "MATMUL_MAX_TOKENS", 10**9)
+    matmul = scoring.frequency_scores(keys, values, 0.2)
+    monkeypatch.setattr(scoring, "MATMUL_MAX_TOKENS", 0)
+    fft = scoring.frequency_scores(keys, values, 0.2)
+    torch.testing.assert_close(matmul.deviation, fft.deviation, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(matmul.high_freq_ratio, fft.high_freq_ratio, rtol=1e-9, atol=1e-12)
