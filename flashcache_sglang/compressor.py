@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from .config import FlashCacheConfig
-from .policies import KVSpan, make_policy
+from .kernels import score_span
+from .policies import FlashCachePolicy, KVSpan, make_policy
 
 SENTINEL_SLOT = 0
 
@@ -118,6 +119,13 @@ class RowCompressor:
                       candidate_mask=torch.ones(count, dtype=torch.bool, device=keys.device))
         policy = self._policy(config if num_keep == round(config.retention * count)
                               else _with_retention(config, num_keep / count))
+        if isinstance(policy, FlashCachePolicy):
+            # Score straight from the pool: the Triton kernel on GPU, the reference on CPU.
+            pool = self.kv_pool
+            layers = range(pool.start_layer, pool.start_layer + pool.layer_num)
+            policy.use_scores(span, score_span([pool.get_key_buffer(layer) for layer in layers],
+                                               [pool.get_value_buffer(layer) for layer in layers],
+                                               slots, policy.gamma))
         return policy.select(span).shared_mask().to(slots.device)
 
     def compress(self, row: torch.Tensor, positions: torch.Tensor, config: FlashCacheConfig) -> RowCompression:

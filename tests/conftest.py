@@ -9,6 +9,21 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
+
+# Triton picks its CPU interpreter when a kernel is decorated, i.e. when flashcache_sglang.kernels
+# is first imported. Import it here, before any test module (the engine code imports it too),
+# with TRITON_INTERPRET=1, then restore the variable so SGLang servers started by tests do not
+# inherit it (tests/kernels/conftest.py sets it again around each kernel test).
+if not torch.cuda.is_available():
+    _previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    import flashcache_sglang.kernels  # noqa: F401
+
+    if _previous is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _previous
 
 
 @pytest.fixture(scope="session")

@@ -92,6 +92,17 @@ class FlashCachePolicy(Policy):
         object.__setattr__(span, "_flashcache_scores", (self.gamma, self.candidates_only, result))
         return result
 
+    def use_scores(self, span: KVSpan, scores: FrequencyScores) -> None:
+        """Give ``span`` scores computed elsewhere (the engine's pool-direct Triton kernel,
+        :func:`flashcache_sglang.kernels.score_span`) for a span whose tokens are all
+        candidates; ``select`` then uses them instead of scoring the gathered K/V again."""
+        if not bool(span.candidate_mask.all()):
+            raise ValueError("precomputed scores need a span whose tokens are all candidates")
+        if tuple(scores.deviation.shape) != (span.num_layers, span.num_kv_heads, span.num_tokens):
+            raise ValueError(f"scores.deviation shape {tuple(scores.deviation.shape)} does not match the span "
+                             f"[{span.num_layers}, {span.num_kv_heads}, {span.num_tokens}]")
+        object.__setattr__(span, "_flashcache_scores", (self.gamma, self.candidates_only, scores))
+
     def score(self, span: KVSpan) -> torch.Tensor:
         return self.frequency_scores(span).deviation
 

@@ -1,27 +1,18 @@
 """Kernel tests run every Triton kernel; without CUDA that means Triton's CPU interpreter.
 
 triton.jit picks the interpreter when it decorates a kernel, i.e. when
-flashcache_sglang.kernels is imported: the package is imported here with TRITON_INTERPRET=1,
+flashcache_sglang.kernels is imported: tests/conftest.py imports it first with TRITON_INTERPRET=1,
 then the variable is restored so that other tests (and the SGLang servers they spawn) do not
 inherit it; each kernel test sets it again while it runs (Triton imports parts of itself
 lazily at the first launch and checks it then). If something imported the kernels earlier
 without it, the check below says so.
 """
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    _previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    import flashcache_sglang.kernels  # noqa: F401  (decorates the kernels for the interpreter)
-
-    if _previous is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _previous
+# The package itself is first imported by tests/conftest.py, with TRITON_INTERPRET=1 there.
 
 
 @pytest.fixture(autouse=True)
