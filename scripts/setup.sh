@@ -51,7 +51,11 @@ install_python() {
         quiet_pip install -q --no-deps -r "$root/requirements/no-deps.txt"
         echo "$want" > "$stamp"
     fi
-    if ! "$venv/bin/python" -c "import flashcache_sglang" 2>/dev/null; then
+    # Checked from / so the checkout's own folder on sys.path cannot stand in for the install,
+    # and against this checkout so a venv installed from another clone is re-pointed.
+    if ! (cd / && "$venv/bin/python" -c "
+import sys, flashcache_sglang, flashcache_sglang.kernels, flashcache_sglang.streaming
+sys.exit(not flashcache_sglang.__file__.startswith(sys.argv[1] + '/'))" "$root") 2>/dev/null; then
         log "pip: installing flashcache-sglang (editable)"
         quiet_pip install -q --no-deps -e "$root"
     fi
