@@ -1,0 +1,205 @@
+"""Regenerate every README figure and benchmarks/results/REPORT.md from benchmarks/results/*.json.
+
+    python benchmarks/make_report.py [--results DIR]
+
+Each JSON is recognised by its content and whatever is missing is skipped (and said so):
+
+- serving (``python -m benchmarks.serving``): vanilla SGLang vs FlashCache tables, figure
+  ``<same name>.png`` (benchmarks/plot_serving.py);
+- kernels (benchmarks/bench_kernels.py): compression time vs tokens, one figure per device
+  (benchmarks/plot_kernels.py, which names it after the first file of that device);
+- fidelity (``python -m benchmarks.fidelity``): perplexity ratio / attention error per policy and
+  retention, figure ``<same name>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+HERE = Path(__file__).resolve().parent
+LOAD_LIMIT = 1.5  # above this 1-minute load average, timings on the 2-core CPU box are noise
+if str(HERE.parent) not in sys.path:  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(HERE.parent))
+
+
+def kind_of(data: Any) -> Optional[str]:
+    if not isinstance(data, dict):
+        return None
+    if data.get("benchmark") == "serving":
+        return "serving"
+    rows = data.get("results")
+    if isinstance(rows, list) and isinstance(data.get("device"), dict) and rows and "num_tokens" in rows[0]:
+        return "kernels"
+    if isinstance(data.get("main"), list) and "context" in data.get("config", {}):
+        return "fidelity"
+    return None
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return lines + [""]
+
+
+# ---------------------------------------------------------------------------------------- serving
+def serving_section(path: Path, report: dict) -> list[str]:
+    from benchmarks.plot_serving import plot_serving
+
+    figure = plot_serving(report, path.with_suffix(".png"))
+    machine, settings = report["machine"], report["settings"]
+    lines = [f"### Serving: vanilla SGLang vs FlashCache ({path.name}{', QUICK sizes' if report.get('quick') else ''})",
+             "", f"![serving]({figure.name})", "",
+             f"- command: `{report.get('command')}`",
+             f"- machine: {machine.get('cpu_model')}, {machine.get('cores')} cores, torch {machine.get('torch')}, "
+             f"sglang {machine.get('sglang')}; load average {machine.get('load_average_start')} at start, "
+             f"{machine.get('load_average_end')} at end",
+             f"- model {settings['model']} ({settings['dtype']}), KV pool {settings['max_total_tokens']} tokens "
+             f"for both servers, FlashCache {json.dumps(settings['flashcache'])}",
+             f"- errors: {report.get('errors')}, failed leak checks: {report.get('failed_leak_checks')}, "
+             f"ok: {report.get('ok')}", ""]
+    loads = [w[b].get("load_average_start", [0])[0] for w in report["workloads"].values()
+             for b in ("vanilla", "flashcache") if isinstance(w[b].get("load_average_start"), list)]
+    busiest = max(loads + [(machine.get("load_average_start") or [0])[0]])
+    if busiest >= LOAD_LIMIT:
+        lines += [f"> Timings in this run were taken at a 1-minute load average up to {busiest:.1f} (>= {LOAD_LIMIT}) "
+                  "on a shared machine: compare counts (sessions, requests, slots), not times.", ""]
+    headline = report.get("headline")
+    if headline:
+        ratio = headline.get("ratio")
+        lines += [f"**Sessions held at once** ({headline['session_tokens']}-token contexts, "
+                  f"{headline['max_total_tokens']}-token pool, retention {headline['retention']}): vanilla "
+                  f"{headline['sessions_held_vanilla']}, FlashCache {headline['sessions_held_flashcache']}"
+                  + (f" (**x{ratio:.2f}**)" if isinstance(ratio, (int, float)) else ""), ""]
+    for name, workload in report["workloads"].items():
+        lines += [f"#### {name}", "", "sizes: `" + json.dumps(workload.get("sizes")) + "`", ""]
+        rows = [[key, workload["vanilla"].get(key), workload["flashcache"].get(key), value]
+                for key, value in workload.get("ratios", {}).items()]
+        lines += _table(["metric", "vanilla", "FlashCache", "FlashCache / vanilla"], rows)
+        turns = {b: workload[b].get("per_turn") for b in ("vanilla", "flashcache")}
+        if turns["vanilla"] and turns["flashcache"]:
+            rows = [[v["turn"], v.get("cached_token_share"), f.get("cached_token_share"), v.get("median_ttft_ms"),
+                     f.get("median_ttft_ms"), f.get("mean_prompt_kv_slots")]
+                    for v, f in zip(turns["vanilla"], turns["flashcache"])]
+            lines += _table(["turn", "cached share vanilla", "cached share FlashCache", "median TTFT ms vanilla",
+                             "median TTFT ms FlashCache", "prompt KV slots FlashCache"], rows)
+    return lines
+
+
+# ---------------------------------------------------------------------------------------- kernels
+def kernels_section(group: list[tuple[Path, dict]]) -> list[str]:
+    device = group[0][1]["device"].get("device_name", "unknown device")
+    files = [str(path) for path, _ in group]
+    plotted = subprocess.run([sys.executable, str(HERE / "plot_kernels.py"), *files], capture_output=True, text=True)
+    lines = [f"### Kernels: whole-model compression time on {device} ({', '.join(p.name for p, _ in group)})", ""]
+    if plotted.returncode == 0:
+        lines += [f"![kernels]({group[0][0].with_suffix('.png').name})", ""]
+    else:
+        lines += [f"_plot_kernels.py failed: {plotted.stderr.strip().splitlines()[-1:]}_", ""]
+    rows = []
+    for _, report in group:
+        for row in report["results"]:
+            rows.append([row["num_tokens"], row.get("triton", {}).get("median_ms"),
+                         row.get("torch_reference", {}).get("median_ms"), row.get("floor", {}).get("median_ms"),
+                         row.get("paper_ms"), (report.get("target_ms") or {}).get(str(row["num_tokens"]))])
+    rows.sort(key=lambda r: r[0])
+    return lines + _table(["tokens", "triton median ms", "torch reference median ms", "bandwidth floor ms",
+                           "paper ms", "target ms"], rows)
+
+
+# ---------------------------------------------------------------------------------------- fidelity
+def fidelity_section(path: Path, report: dict) -> list[str]:
+    config = report["config"]
+    lines = [f"### Fidelity: {config.get('model_name')}, context {config.get('context')}, continuation "
+             f"{config.get('continuation')} ({path.name})", ""]
+    try:
+        from benchmarks import fidelity
+
+        fidelity._plot(report, str(path.with_suffix(".png")))
+        lines += [f"![fidelity]({path.with_suffix('.png').name})", ""]
+    except Exception as error:  # noqa: BLE001 - the table is still useful without the figure
+        lines += [f"_figure not regenerated: {type(error).__name__}: {error}_", ""]
+    rows = [[r["policy"], r["retention"], r["ppl_ratio"]["mean"], r["ppl_ratio"].get("std"), r["attn_error"]["mean"]]
+            for r in sorted(report["main"], key=lambda r: (-r["retention"], r["ppl_ratio"]["mean"]))]
+    lines += _table(["policy", "retention", "perplexity ratio", "std", "attention error"], rows)
+    if report.get("targets"):
+        lines += [f"targets at retention 0.2: `{json.dumps(report['targets'].get('checks'))}`", ""]
+    return lines
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(HERE.parent))
+    except ValueError:
+        return str(path)
+
+
+def build_report(results: Path) -> tuple[str, dict[str, list[str]]]:
+    """REPORT.md's text and, per kind, the JSON files used."""
+    found: dict[str, list[tuple[Path, dict]]] = {"serving": [], "kernels": [], "fidelity": []}
+    ignored = []
+    for path in sorted(results.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            ignored.append(f"{path.name} (unreadable: {error})")
+            continue
+        kind = kind_of(data)
+        if kind is None:
+            ignored.append(f"{path.name} (not a known result format)")
+        else:
+            found[kind].append((path, data))
+    lines = ["# Benchmark report", "",
+             f"Generated by `python benchmarks/make_report.py` from {_shown(results)}/*.json; rerun it after any "
+             "benchmark to refresh these tables and the figures beside them.", ""]
+    sections: list[tuple[str, str, Callable[[], list[str]]]] = []
+    for path, data in found["serving"]:
+        sections.append(("serving", path.name, lambda p=path, d=data: serving_section(p, d)))
+    by_device: dict[str, list[tuple[Path, dict]]] = {}
+    for path, data in found["kernels"]:
+        by_device.setdefault(data["device"].get("device_name", "unknown"), []).append((path, data))
+    for device, group in by_device.items():
+        sections.append(("kernels", device, lambda g=group: kernels_section(g)))
+    for path, data in found["fidelity"]:
+        sections.append(("fidelity", path.name, lambda p=path, d=data: fidelity_section(p, d)))
+    for kind, name, render in sections:
+        try:
+            lines += render()
+        except Exception as error:  # noqa: BLE001 - one malformed file must not hide the others
+            lines += [f"### {kind}: {name}", "", f"_skipped: {type(error).__name__}: {error}_", ""]
+    hints = {"serving": "python -m benchmarks.serving", "kernels": "bash benchmarks/run_gpu_suite.sh (GPU)",
+             "fidelity": "python -m benchmarks.fidelity ..."}
+    missing = [f"- {kind}: none found (run `{hints[kind]}`)" for kind in found if not found[kind]]
+    if missing or ignored:
+        lines += ["### Not included", ""] + missing + [f"- ignored {name}" for name in ignored] + [""]
+    return "\n".join(lines), {kind: [p.name for p, _ in items] for kind, items in found.items()}
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=HERE / "results")
+    args = parser.parse_args(argv)
+    text, used = build_report(args.results)
+    output = args.results / "REPORT.md"
+    output.write_text(text)
+    print(f"wrote {output} ({', '.join(f'{k}: {len(v)}' for k, v in used.items())})")
+
+
+if __name__ == "__main__":
+    main()
