@@ -69,3 +69,4 @@ def load() -> None:
     from .attention import PhysicalKVAttention
 
     upstream.wrap_attention_backends(PhysicalKVAttention, WRAPPED_ATTENTION_BACKENDS)
+    upstream.install_admission_hook()

@@ -75,6 +75,7 @@ class CompressedRadixCache(RadixCache):
         )
         # rid -> compression state of requests still running (dropped when they are released)
         self._pending: dict[str, dict] = {}
+        self._freed_slots = 0  # since the scheduler last asked (take_freed_slots)
 
     # ---------------------------------------------------------------- settings and namespaces
     def settings_for(self, req) -> FlashCacheConfig:
@@ -130,6 +131,7 @@ class CompressedRadixCache(RadixCache):
         elapsed = time.perf_counter() - started
         state["done"] = True
         self.stats.record(result.num_candidates, result.num_kept, elapsed, publish=False)
+        self._freed_slots += result.num_dropped
         if settings.memory_cap_tokens is not None:
             self._shrink_to_cap(req, row, settings, spans, prompt_len)
         kv_slots = int((row[:prompt_len] != SENTINEL_SLOT).sum())
@@ -184,6 +186,7 @@ class CompressedRadixCache(RadixCache):
         self.compressor.free_slots(slots[~keep])
         row[dropped] = SENTINEL_SLOT
         self.stats.record_shrink(int(dropped.numel()))
+        self._freed_slots += int(dropped.numel())
 
     def _path_owners(self, last_node, length: int) -> dict:
         """Logical position -> (tree node, offset in its value) for positions < ``length``."""
@@ -200,6 +203,11 @@ class CompressedRadixCache(RadixCache):
     @staticmethod
     def _has_candidates(settings, spans, prompt_len, start, end) -> bool:
         return candidate_positions(settings, spans, prompt_len, start, end).numel() > 0
+
+    def take_freed_slots(self) -> int:
+        """Slots compression returned since the last call (the scheduler's admission hook)."""
+        freed, self._freed_slots = self._freed_slots, 0
+        return freed
 
     def on_release(self, req, *, checkpointed: bool) -> None:
         self._pending.pop(upstream.request_id(req), None)

@@ -101,7 +101,13 @@ def check_upstream() -> list[str]:
     source = inspect.getsource(allocator_base.BaseTokenToKVPoolAllocator.free_segment)
     if "self.free(" not in source:
         problems.append("allocator free_segment no longer routes through self.free (sentinel filter bypassed)")
-    from sglang.srt.managers.schedule_batch import MultimodalDataItem
+    from sglang.srt.managers.schedule_batch import MultimodalDataItem, ScheduleBatch
+    from sglang.srt.managers.scheduler import Scheduler
+
+    if not callable(getattr(Scheduler, "process_batch_result", None)):
+        problems.append("Scheduler.process_batch_result is gone (admission hook)")
+    if "batch_is_full" not in inspect.signature(ScheduleBatch).parameters:
+        problems.append("ScheduleBatch has no batch_is_full (admission hook)")
 
     if "offsets" not in getattr(MultimodalDataItem, "__struct_fields__", ()):
         problems.append("MultimodalDataItem has no 'offsets'")
@@ -137,6 +143,36 @@ def wrap_attention_backends(wrap: Callable[[Any], Any], names: tuple[str, ...]) 
         attention_registry.ATTENTION_BACKENDS[name] = factory
         wrapped.append(name)
     return wrapped
+
+
+# ------------------------------------------------------------------ scheduler admission
+def install_admission_hook() -> bool:
+    """Let the scheduler admit more prefills right after compression frees slots.
+
+    Once a prefill does not fit, SGLang sets ``running_batch.batch_is_full`` and clears it only
+    when a running request leaves; slots compression returns just after a prefill would go
+    unused until then. After each batch result, if the cache freed slots, the flag is cleared
+    (the scheduler then re-checks memory with its own prefill budget, as it does after any
+    request finishes). Returns False if already installed.
+    """
+    from sglang.srt.managers.scheduler import Scheduler
+
+    original = Scheduler.process_batch_result
+    if getattr(original, "_flashcache_admission", False):
+        return False
+
+    def process_batch_result(self, batch, result):
+        output = original(self, batch, result)
+        take = getattr(self.tree_cache, "take_freed_slots", None)
+        running = getattr(self, "running_batch", None)
+        if take is not None and take() > 0 and running is not None:
+            running.batch_is_full = False
+        return output
+
+    process_batch_result._flashcache_admission = True
+    process_batch_result.__wrapped__ = original
+    Scheduler.process_batch_result = process_batch_result
+    return True
 
 
 # ------------------------------------------------------------------ allocator

@@ -87,3 +87,28 @@ def test_offline_engine_compresses(tmp_path, tiny_llama_dir):
     candidates = 300 - 4 - 8
     assert report["candidate_tokens"] == candidates
     assert report["kept_tokens"] == round(0.25 * candidates)
+
+
+def test_admission_hook_clears_batch_is_full_only_after_frees(monkeypatch):
+    from types import SimpleNamespace
+
+    from sglang.srt.managers.scheduler import Scheduler
+
+    from flashcache_sglang import upstream
+
+    monkeypatch.setattr(Scheduler, "process_batch_result", lambda self, batch, result: "done")
+    assert upstream.install_admission_hook()
+    assert not upstream.install_admission_hook()  # idempotent
+    freed = [0]
+
+    def take():
+        value, freed[0] = freed[0], 0
+        return value
+
+    scheduler = SimpleNamespace(tree_cache=SimpleNamespace(take_freed_slots=take),
+                                running_batch=SimpleNamespace(batch_is_full=True))
+    assert Scheduler.process_batch_result(scheduler, None, None) == "done"
+    assert scheduler.running_batch.batch_is_full  # nothing freed: the flag stays
+    freed[0] = 120
+    Scheduler.process_batch_result(scheduler, None, None)
+    assert not scheduler.running_batch.batch_is_full
