@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 MAIN_POLICIES = (
@@ -275,7 +275,7 @@ def _kvpress_worker(argv: list[str]) -> None:
         ids = torch.tensor([ids])
         with torch.no_grad():
             full_cache = DynamicCache(config=model.config)
-            full = model(ids[:, :context], past_key_values=full_cache, use_cache=True)
+            model(ids[:, :context], past_key_values=full_cache, use_cache=True)
         full_keys = [full_cache.layers[i].keys[0] for i in range(len(full_cache.layers))]
         for retention in job["retention"]:
             for ours, class_name in KVPRESS_PRESSES.items():

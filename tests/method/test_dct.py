@@ -1,6 +1,5 @@
 """DCT-II / inverse against scipy.fft on awkward sizes, and the frequency scores."""
 
-import numpy as np
 import pytest
 import scipy.fft
 import torch

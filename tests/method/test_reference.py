@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from flashcache_sglang.policies import KeepSet, KVSpan, make_policy, text_candidate_mask
+from flashcache_sglang.policies import KeepSet, make_policy, text_candidate_mask
 from flashcache_sglang.reference import (
     attention_output_error,
     continuation_nll,
