@@ -134,9 +134,13 @@ class CompressedRadixCache(RadixCache):
         self._freed_slots += result.num_dropped
         if settings.memory_cap_tokens is not None:
             self._shrink_to_cap(req, row, settings, spans, prompt_len)
-        kv_slots = int((row[:prompt_len] != SENTINEL_SLOT).sum())
+        held = row[:prompt_len] != SENTINEL_SLOT
+        media = torch.zeros_like(held)
+        for begin, end in spans:
+            media[begin:end] = True
         upstream.report_to_request(req, candidates=result.num_candidates, kept=result.num_kept,
-                                   prompt_tokens=prompt_len, prompt_kv_slots=kv_slots)
+                                   prompt_tokens=prompt_len, prompt_kv_slots=int(held.sum()),
+                                   media_kv_slots=int((held & media).sum()))
         if result.num_dropped:
             logger.debug("request %s: kept %d of %d candidates (%.1f ms)", rid, result.num_kept,
                          result.num_candidates, elapsed * 1e3)

@@ -256,15 +256,18 @@ def with_extra_key(params: MatchPrefixParams, extra_key: Optional[str]) -> Match
     return dataclasses.replace(params, key=new_key)
 
 
-def report_to_request(req, *, candidates: int, kept: int, prompt_tokens: int, prompt_kv_slots: int) -> None:
+def report_to_request(req, *, candidates: int, kept: int, prompt_tokens: int, prompt_kv_slots: int,
+                      media_kv_slots: int) -> None:
     """Per-request numbers, returned to the client in meta_info["flashcache"].
 
     ``prompt_tokens`` is logical; ``prompt_kv_slots`` the KV slots the prompt really holds after
-    compression (a reused compressed prefix included); ``candidate_tokens`` / ``kept_tokens``
-    describe what this request compressed itself (0 / 0 when its candidates came from the cache).
+    compression (a reused compressed prefix included), ``media_kv_slots`` those of them that are
+    image/video tokens; ``candidate_tokens`` / ``kept_tokens`` describe what this request
+    compressed itself (0 / 0 when its candidates came from the cache).
     """
     info = req.customized_info if req.customized_info is not None else {}
     info["flashcache"] = [{"prompt_tokens": prompt_tokens, "prompt_kv_slots": prompt_kv_slots,
+                           "media_kv_slots": media_kv_slots,
                            "candidate_tokens": candidates, "kept_tokens": kept}]
     req.customized_info = info
 

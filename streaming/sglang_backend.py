@@ -155,6 +155,7 @@ class IngestReport:
     kept_tokens: int
     retention: float
     rebased: bool = False
+    media_kv_slots: Optional[int] = None
 
     @property
     def text_tokens(self) -> int:
@@ -162,7 +163,9 @@ class IngestReport:
 
     @property
     def visual_kv_slots(self) -> int:
-        """KV slots held by visual tokens (what ``memory_cap_tokens`` bounds)."""
+        """KV slots held by visual tokens (the server's count; older servers: estimated)."""
+        if self.media_kv_slots is not None:
+            return self.media_kv_slots
         return self.prompt_kv_slots - self.text_tokens
 
 
@@ -400,6 +403,7 @@ class SGLangMemoryBackend:
             cached_tokens=int(meta.get("cached_tokens") or 0),
             candidate_tokens=int(entry["candidate_tokens"]),
             kept_tokens=int(entry["kept_tokens"]),
+            media_kv_slots=int(entry["media_kv_slots"]) if "media_kv_slots" in entry else None,
             retention=retention,
             rebased=rebased,
         )
