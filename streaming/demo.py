@@ -319,7 +319,7 @@ def print_table(series: Sequence[dict[str, Any]], cap: int) -> None:
         print(f"  {row['index']:>5} {row['end_s']:>8.1f} {row['outlier_energy']:>6.3f} {row['retention']:>9.2f} "
               f"{row['chunk_logical_tokens']:>10} -> {row['chunk_kept_tokens']:<5} "
               f"{kept_text:>22} {logical_text:>18} {saved:>6.0%}")
-    print(f"  (KV cap: {cap} visual tokens per stream; text tokens (prompt header, 2 per video) are never dropped)")
+    print(f"  (KV cap: {cap} tokens per stream for video tokens and their delimiters; the prompt header is never dropped)")
 
 
 def plot(series: Sequence[dict[str, Any]], questions: Sequence[AskedQuestion], cap: int, title: str, path: Path) -> None:
