@@ -1,7 +1,7 @@
 """HTTP API of the stream service (FastAPI).
 
     POST   /streams                      start: {"source", "fps"?, "chunk_frames"?, "chunk_seconds"?,
-                                          "max_pixels"?, "budget"?: {BudgetSettings fields}}
+                                          "max_pixels"?, "pace"?, "budget"?: {BudgetSettings fields}}
                                           -> 201 {"stream_id", "token"}
     GET    /streams                      ids and statuses (no sources, no details)
     GET    /streams/{id}                 metadata (token)
@@ -39,6 +39,7 @@ class StartRequest(BaseModel):
     source: str
     fps: float = 2.0
     max_pixels: int = 224 * 224
+    pace: float = 0.0
     chunk_frames: int = 4
     chunk_seconds: Optional[float] = None
     queue_frames: int = 64
@@ -83,7 +84,7 @@ def create_app(manager: StreamManager) -> FastAPI:
     async def start(request: StartRequest) -> dict[str, str]:
         def run() -> tuple[str, str]:
             config = StreamConfig(
-                sampling=SamplingSettings(fps=request.fps, max_pixels=request.max_pixels),
+                sampling=SamplingSettings(fps=request.fps, max_pixels=request.max_pixels, pace=request.pace),
                 chunking=ChunkSettings(frames=request.chunk_frames, seconds=request.chunk_seconds),
                 budget=BudgetSettings.from_dict(request.budget),
                 queue_frames=request.queue_frames,

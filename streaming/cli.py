@@ -41,6 +41,8 @@ def _add_stream_settings(parser: argparse.ArgumentParser) -> None:
     defaults = BudgetSettings()
     parser.add_argument("--fps", type=float, default=2.0, help="sampled frames per second (default 2)")
     parser.add_argument("--max-pixels", type=int, default=224 * 224, help="pixels per resized frame")
+    parser.add_argument("--pace", type=float, default=0.0,
+                        help="replay a file at this speed (1.0: real time, as a live camera; default 0: as fast as it decodes)")
     parser.add_argument("--chunk-frames", type=int, default=4, help="frames per chunk (default 4)")
     parser.add_argument("--chunk-seconds", type=float, default=None, help="close a chunk after this span")
     parser.add_argument("--kv-cap", type=int, default=defaults.kv_cap_tokens, help="KV tokens kept per stream")
@@ -88,7 +90,7 @@ def build_backend(args: argparse.Namespace) -> MemoryBackend:
 
 def _config(args: argparse.Namespace) -> StreamConfig:
     return StreamConfig(
-        sampling=SamplingSettings(fps=args.fps, max_pixels=args.max_pixels),
+        sampling=SamplingSettings(fps=args.fps, max_pixels=args.max_pixels, pace=args.pace),
         chunking=ChunkSettings(frames=args.chunk_frames, seconds=args.chunk_seconds),
         budget=BudgetSettings(kv_cap_tokens=args.kv_cap, base_retention=args.base_retention, keep_sink=not args.no_sink),
     )

@@ -94,17 +94,23 @@ class SamplingSettings:
         max_pixels: most pixels per resized frame (default 224 * 224).
         size_multiple: resized height and width are multiples of this (28 = Qwen2.5-VL's
             patch 14 x spatial merge 2).
+        pace: replay speed of a file (0: as fast as it decodes; 1.0: real time, like
+            ``ffmpeg -re``, so a file stands in for a live camera; 2.0: twice real time).
+            Live sources arrive in real time anyway and ignore it.
     """
 
     fps: float = 2.0
     max_pixels: int = 224 * 224
     size_multiple: int = 28
+    pace: float = 0.0
 
     def __post_init__(self) -> None:
         if not (0 < self.fps <= 120):
             raise ValueError(f"SamplingSettings.fps={self.fps!r} is outside (0, 120]")
         if self.size_multiple < 1:
             raise ValueError(f"SamplingSettings.size_multiple={self.size_multiple!r} must be >= 1")
+        if not (0 <= self.pace <= 1000):
+            raise ValueError(f"SamplingSettings.pace={self.pace!r} is outside [0, 1000] (0: no pacing, 1.0: real time)")
         if self.max_pixels < self.size_multiple**2:
             raise ValueError(
                 f"SamplingSettings.max_pixels={self.max_pixels!r} must be >= size_multiple**2={self.size_multiple**2}"
@@ -412,6 +418,36 @@ class ReconnectingSource:
             self._source.close()
 
 
+class PacedSource:
+    """Releases a file source's frames on the wall clock: frame ``t`` seconds into the file
+    comes ``t / pace`` seconds after the first one (``ffmpeg -re``). A consumer that falls
+    behind gets the late frames at once (the reader does not skip them; the queue's drop
+    policy decides)."""
+
+    def __init__(self, source: FrameSource, pace: float, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep):
+        if not pace > 0:
+            raise ValueError(f"pace={pace!r} must be > 0")
+        self.source = source
+        self.pace = pace
+        self._clock = clock
+        self._sleep = sleep
+
+    def frames(self) -> Iterator[Frame]:
+        origin = None
+        for frame in self.source.frames():
+            if origin is None:
+                origin = (self._clock(), frame.timestamp_s)
+            due = origin[0] + (frame.timestamp_s - origin[1]) / self.pace
+            wait = due - self._clock()
+            if wait > 0:
+                self._sleep(wait)
+            yield frame
+
+    def close(self) -> None:
+        self.source.close()
+
+
 def open_source(
     spec: SourceSpec,
     settings: SamplingSettings,
@@ -419,11 +455,14 @@ def open_source(
     backoff: Optional[BackoffSettings] = None,
     on_state: Optional[Callable[[str, str], None]] = None,
 ) -> FrameSource:
-    """Open ``spec``: a file from ``start_s``; a live URL on a clock starting at ``start_s``."""
-    if spec.kind == "file":
-        return DecordFileSource(spec.url, settings, start_s=start_s)
+    """Open ``spec``: a file from ``start_s`` (paced by ``settings.pace``); a live URL on a
+    clock starting at ``start_s``."""
     if not spec.is_live:
-        return PyAVSource(spec, settings, start_s=start_s)
+        if spec.kind == "file":
+            source: FrameSource = DecordFileSource(spec.url, settings, start_s=start_s)
+        else:
+            source = PyAVSource(spec, settings, start_s=start_s)
+        return PacedSource(source, settings.pace) if settings.pace > 0 else source
     return ReconnectingSource(
         lambda clock_offset_s: PyAVSource(spec, settings, clock_offset_s=clock_offset_s),
         backoff or BackoffSettings(),

@@ -8,9 +8,11 @@ from flashcache_sglang.streaming.energy import chunk_outlier_energy
 from flashcache_sglang.streaming.sources import (
     BadSourceError,
     DecordFileSource,
+    PacedSource,
     PyAVSource,
     SamplingSettings,
     SourceOpenError,
+    open_source,
     parse_source,
     sanitize_url,
     target_size,
@@ -63,6 +65,68 @@ def test_decord_samples_at_fps_from_start(videos):
 def test_pyav_reads_file_urls(videos):
     source = PyAVSource(parse_source(f"file://{videos['short']}"), SamplingSettings(fps=1.0))
     assert [round(f.timestamp_s, 1) for f in source.frames()] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+        self.sleeps = []
+
+    def __call__(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+class ListSource:
+    def __init__(self, timestamps):
+        self.timestamps = timestamps
+        self.closed = False
+
+    def frames(self):
+        for t in self.timestamps:
+            yield Frame(np.zeros((28, 28, 3), np.uint8), t)
+
+    def close(self):
+        self.closed = True
+
+
+def test_paced_source_releases_frames_on_the_wall_clock():
+    clock = FakeClock()
+    source = PacedSource(ListSource([3.0, 3.5, 4.0, 5.0]), pace=2.0, clock=clock, sleep=clock.sleep)
+    released = []
+    for frame in source.frames():
+        released.append((round(clock.now - 100.0, 6), frame.timestamp_s))
+        if frame.timestamp_s == 3.5:
+            clock.now += 1.0  # a slow consumer: the next frames are already due
+    # Frame t is due (t - 3.0) / 2 s after the first; late frames are not delayed further.
+    assert released == [(0.0, 3.0), (0.25, 3.5), (1.25, 4.0), (1.25, 5.0)]
+    assert clock.sleeps == [0.25]
+    source.close()
+    assert source.source.closed
+
+
+def test_pace_is_validated_and_only_wraps_files(videos):
+    with pytest.raises(ValueError, match="pace=-1"):
+        SamplingSettings(pace=-1)
+    with pytest.raises(ValueError, match="pace=0"):
+        PacedSource(ListSource([]), pace=0)
+    spec = parse_source(str(videos["short"]))
+    assert isinstance(open_source(spec, SamplingSettings(pace=1.0)), PacedSource)
+    assert isinstance(open_source(spec, SamplingSettings()), DecordFileSource)
+
+
+def test_paced_file_takes_real_time(videos):
+    import time
+
+    source = open_source(parse_source(str(videos["short"])), SamplingSettings(fps=2.0, max_pixels=112 * 112, pace=8.0))
+    started = time.monotonic()
+    frames = list(source.frames())
+    elapsed = time.monotonic() - started
+    # 12 frames spanning 5.5 s of video at 8x: at least 5.5 / 8 s.
+    assert len(frames) == 12 and elapsed >= 5.5 / 8 - 0.01
 
 
 @pytest.mark.parametrize("name", ["corrupt", "garbage"])
