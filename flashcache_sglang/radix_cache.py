@@ -132,23 +132,25 @@ class CompressedRadixCache(RadixCache):
         state["done"] = True
         self.stats.record(result.num_candidates, result.num_kept, elapsed, publish=False)
         self._freed_slots += result.num_dropped
+        capped = None
         if settings.memory_cap_tokens is not None:
-            self._shrink_to_cap(req, row, settings, spans, prompt_len)
+            capped = self._shrink_to_cap(req, row, settings, spans, prompt_len)
         held = row[:prompt_len] != SENTINEL_SLOT
         media = torch.zeros_like(held)
         for begin, end in spans:
             media[begin:end] = True
         upstream.report_to_request(req, candidates=result.num_candidates, kept=result.num_kept,
                                    prompt_tokens=prompt_len, prompt_kv_slots=int(held.sum()),
-                                   media_kv_slots=int((held & media).sum()))
+                                   media_kv_slots=int((held & media).sum()), capped_kv_slots=capped)
         if result.num_dropped:
             logger.debug("request %s: kept %d of %d candidates (%.1f ms)", rid, result.num_kept,
                          result.num_candidates, elapsed * 1e3)
             upstream.dump_kept_positions(req, positions, result.dropped_positions)
         return True
 
-    def _shrink_to_cap(self, req, row, settings: FlashCacheConfig, spans, prompt_len: int) -> None:
+    def _shrink_to_cap(self, req, row, settings: FlashCacheConfig, spans, prompt_len: int) -> int:
         """Re-score the prompt's kept candidates and drop the lowest until they fit the cap.
+        Returns how many the prompt holds afterwards (what the cap counts).
 
         In multimodal mode the candidates here are the media tokens and their delimiters.
 
@@ -164,7 +166,7 @@ class CompressedRadixCache(RadixCache):
         positions = candidate_positions(settings, wrapped, prompt_len, 0, prompt_len).to(row.device)
         kept = positions[row[positions] != SENTINEL_SLOT]
         if kept.numel() <= cap:
-            return
+            return int(kept.numel())
         protected_len = upstream.cache_protected_len(req)
         owners = self._path_owners(req.last_node, protected_len)
         shrinkable = torch.ones(kept.numel(), dtype=torch.bool, device=kept.device)
@@ -177,7 +179,7 @@ class CompressedRadixCache(RadixCache):
         candidates = kept[shrinkable]
         num_keep = max(candidates.numel() - (kept.numel() - cap), 0)
         if candidates.numel() == 0 or num_keep >= candidates.numel():
-            return
+            return int(kept.numel())
         slots = row[candidates].to(torch.int64)
         keep = self.compressor.keep_mask(slots, num_keep, settings)
         dropped = candidates[~keep]
@@ -191,6 +193,7 @@ class CompressedRadixCache(RadixCache):
         row[dropped] = SENTINEL_SLOT
         self.stats.record_shrink(int(dropped.numel()))
         self._freed_slots += int(dropped.numel())
+        return int(kept.numel() - dropped.numel())
 
     def _path_owners(self, last_node, length: int) -> dict:
         """Logical position -> (tree node, offset in its value) for positions < ``length``."""

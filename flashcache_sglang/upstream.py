@@ -257,18 +257,21 @@ def with_extra_key(params: MatchPrefixParams, extra_key: Optional[str]) -> Match
 
 
 def report_to_request(req, *, candidates: int, kept: int, prompt_tokens: int, prompt_kv_slots: int,
-                      media_kv_slots: int) -> None:
+                      media_kv_slots: int, capped_kv_slots: Optional[int] = None) -> None:
     """Per-request numbers, returned to the client in meta_info["flashcache"].
 
     ``prompt_tokens`` is logical; ``prompt_kv_slots`` the KV slots the prompt really holds after
     compression (a reused compressed prefix included), ``media_kv_slots`` those of them that are
     image/video tokens; ``candidate_tokens`` / ``kept_tokens`` describe what this request
-    compressed itself (0 / 0 when its candidates came from the cache).
+    compressed itself (0 / 0 when its candidates came from the cache). With a memory cap,
+    ``capped_kv_slots`` is what the cap counts (media tokens and their delimiters).
     """
     info = req.customized_info if req.customized_info is not None else {}
     info["flashcache"] = [{"prompt_tokens": prompt_tokens, "prompt_kv_slots": prompt_kv_slots,
                            "media_kv_slots": media_kv_slots,
                            "candidate_tokens": candidates, "kept_tokens": kept}]
+    if capped_kv_slots is not None:
+        info["flashcache"][0]["capped_kv_slots"] = capped_kv_slots
     req.customized_info = info
 
 

@@ -144,6 +144,9 @@ class IngestReport:
         rebased: the backend did not know the prefix's token count before this request (the
             prompt window moved, or the memory was restored after a restart), so the chunk's
             logical size is taken from the previous chunk.
+        media_kv_slots: KV slots held by visual tokens (the server's count).
+        capped_kv_slots: what the server's memory cap counts after this request (visual
+            tokens and their delimiters); None without a cap.
     """
 
     chunk_index: int
@@ -156,6 +159,7 @@ class IngestReport:
     retention: float
     rebased: bool = False
     media_kv_slots: Optional[int] = None
+    capped_kv_slots: Optional[int] = None
 
     @property
     def text_tokens(self) -> int:
@@ -404,6 +408,7 @@ class SGLangMemoryBackend:
             candidate_tokens=int(entry["candidate_tokens"]),
             kept_tokens=int(entry["kept_tokens"]),
             media_kv_slots=int(entry["media_kv_slots"]) if "media_kv_slots" in entry else None,
+            capped_kv_slots=int(entry["capped_kv_slots"]) if "capped_kv_slots" in entry else None,
             retention=retention,
             rebased=rebased,
         )

@@ -139,6 +139,10 @@ def test_stream_memory_in_a_real_server(vl_server, redis_url, namespace, tmp_pat
     over = [(r.chunk_index, r.visual_kv_slots) for r in reports[first_at_cap:]
             if r.visual_kv_slots > CAP + chunk_video_tokens]
     assert not over, f"memory_cap_tokens={CAP} did not hold the memory (+ one chunk): {over}"
+    # What the cap counts (visual tokens + delimiters) is reported, and sits at the cap once hit.
+    capped = [r.capped_kv_slots for r in reports]
+    assert None not in capped and max(capped[first_at_cap:]) <= CAP + chunk_video_tokens, capped
+    assert CAP in capped, capped
     assert reports[-1].visual_kv_slots < NUM_CHUNKS * per_chunk_kept
     assert reports[-1].prompt_tokens - reports[first_at_cap].prompt_tokens >= (NUM_CHUNKS - 1 - first_at_cap) * chunk_video_tokens
     assert vl_server.stats().get("shrink_dropped_tokens", 0) > 0, vl_server.stats()
