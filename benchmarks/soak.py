@@ -1,0 +1,674 @@
+"""Soak: N live video streams for M minutes, vanilla SGLang vs FlashCache at the same KV pool.
+
+    python -m benchmarks.soak --minutes 30 --output benchmarks/results/soak_cpu.json    # CPU, tiny model
+    python -m benchmarks.soak --quick                                                  # CI: ~40 s a backend
+    python -m benchmarks.soak --model-path Qwen/Qwen2.5-VL-7B-Instruct --max-pixels 200704 \\
+        --kv-cap 2048 --max-total-tokens 60000 --streams 8 --minutes 30                # a GPU
+
+Each backend runs in turn against its own server (``sglang.launch_server``, then
+``flashcache_sglang.launch_server``) with the same ``--max-total-tokens`` and the same client:
+the product's ingest loop (:class:`~flashcache_sglang.streaming.service.StreamManager`: reader,
+bounded frame queue dropping the oldest frames when ingest falls behind, chunker, rolling
+budgets, metadata store) over :class:`~flashcache_sglang.streaming.sglang_backend.SGLangMemoryBackend`.
+Each stream replays a generated video at real-time pace (``SamplingSettings.pace``, like
+``ffmpeg -re``), so it behaves as a live camera: a slow server shows up as frames dropped and
+as ingest fps below the source's, never as a stream that waits.
+
+Meanwhile one client per stream asks a question every ``--question-interval`` seconds
+(conversations of ``--turns`` turns, each turn branching off the stream's memory), and every
+``--sample-interval`` seconds the tool samples, per stream, the KV slots its memory holds (the
+server's ``prompt_kv_slots`` of the last ingest; vanilla: every prompt token) and, for the
+server, ``sglang:kv_{used,evictable,available}_tokens`` and ``sglang:evicted_tokens_total``
+from ``/metrics``.
+
+Both backends hold the same horizon: the prompt keeps at most ``--max-prompt-chunks`` chunks
+(sink + newest), so vanilla's memory is bounded too, by the horizon instead of a KV cap; the
+comparison is what that horizon costs in KV slots, and what happens when the pool is smaller
+than vanilla's working set (it evicts live memories and re-prefills them, videos included).
+
+Reported per backend (names as in ``python -m sglang.bench_serving`` where they exist):
+question ``{mean,median,p99}_ttft_ms`` / ``e2e_latency``, ingest latency per chunk, ingest fps
+and frames dropped, memory over time, and the targets:
+
+- ``ttft_drift``: median question TTFT around ``--late-at`` (10 min) over the median around
+  ``--early-at`` (1 min); target for FlashCache: within 20% (ratio <= 1.2).
+- ``memory_flatness``: per stream, once its visual memory first reached the cap, the spread
+  ``(max - min) / max`` of the KV slots it holds; target for FlashCache: <= 5%.
+- zero errors (failed ingests, failed questions, failed streams) and zero leaked KV slots after
+  a final flush (FlashCache: the allocator is back to its size; vanilla: flush + SGLang's own
+  idle-time memory check), checked by the tool; the exit status says whether all held.
+
+The JSON records the machine, versions and every setting; ``python -m benchmarks.make_report``
+turns it into the README's figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import requests
+
+from benchmarks.serving import (
+    BenchServer,
+    distribution_ms,
+    finite,
+    load_average,
+    machine_info,
+    prometheus_value,
+    wait_for_load,
+)
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+BACKENDS = ("vanilla", "flashcache")
+POOL_METRICS = {
+    "kv_used": "sglang:kv_used_tokens",
+    "kv_evictable": "sglang:kv_evictable_tokens",
+    "kv_available": "sglang:kv_available_tokens",
+    "evicted_total": "sglang:evicted_tokens_total",
+    "running": "sglang:num_running_reqs",
+    "queued": "sglang:num_queue_reqs",
+}
+QUESTIONS = ("What is happening in the video right now?", "What changed in the last few seconds?",
+             "Describe the scene.", "What colors dominate the stream?", "Has anything moved recently?")
+TTFT_TARGET = 1.2
+FLATNESS_TARGET = 0.05
+TINY_MAX_PIXELS = 28 * 28 * 16  # the tiny Qwen2.5-VL processor's limit
+
+
+@dataclass(frozen=True)
+class SoakSettings:
+    """Everything that shapes a soak run (recorded in the JSON)."""
+
+    streams: int = 2
+    duration_s: float = 600.0
+    fps: float = 2.0
+    chunk_frames: int = 4
+    pace: float = 1.0
+    max_pixels: int = TINY_MAX_PIXELS
+    kv_cap: int = 128
+    base_retention: float = 0.3
+    max_prompt_chunks: int = 32
+    question_interval_s: float = 10.0
+    turns: int = 2
+    answer_tokens: int = 8
+    sample_interval_s: float = 5.0
+    queue_frames: int = 16
+    max_total_tokens: int = 1536
+    early_at_s: float = 60.0
+    late_at_s: float = 600.0
+    window_s: float = 60.0
+    request_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        positive = ("streams", "duration_s", "fps", "chunk_frames", "kv_cap", "max_prompt_chunks",
+                    "question_interval_s", "turns", "answer_tokens", "sample_interval_s", "queue_frames",
+                    "max_total_tokens", "window_s", "request_timeout_s", "pace")
+        for name in positive:
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                raise ValueError(f"soak setting {name}={value!r} must be a positive number")
+        if not 0 < self.base_retention <= 1:
+            raise ValueError(f"soak setting base_retention={self.base_retention!r} must be in (0, 1]")
+        if self.chunk_frames % 2:
+            raise ValueError(f"soak setting chunk_frames={self.chunk_frames} must be even (Qwen-VL temporal patches)")
+        if not 0 <= self.early_at_s < self.late_at_s:
+            raise ValueError(f"early_at_s={self.early_at_s} must be >= 0 and below late_at_s={self.late_at_s}")
+
+    @property
+    def chunk_period_s(self) -> float:
+        """Wall seconds between two chunks of one stream at the source's pace."""
+        return self.chunk_frames / self.fps / self.pace
+
+    @property
+    def video_seconds(self) -> float:
+        """Video each stream needs: the run at ``pace`` plus a margin."""
+        return self.duration_s * self.pace + 4 * self.chunk_frames / self.fps
+
+
+# ---------------------------------------------------------------------------------------- analysis
+def _median(values: Sequence[float]) -> Optional[float]:
+    return statistics.median(values) if values else None
+
+
+def window_values(events: Sequence[dict], key: str, center: float, half_width: float) -> list[float]:
+    """``event[key]`` of the successful events whose ``t`` lies in ``[center - hw, center + hw]``."""
+    return [e[key] for e in events
+            if not e.get("error") and e.get(key) is not None and abs(e["t"] - center) <= half_width]
+
+
+def effective_marks(settings: SoakSettings, elapsed_s: float) -> tuple[float, float, float]:
+    """(early, late, half window) clipped to the run: a run shorter than ``late_at_s`` compares
+    its first and last windows instead (the JSON records which marks were used)."""
+    half = settings.window_s / 2
+    late = min(settings.late_at_s, elapsed_s - half)
+    early = min(settings.early_at_s, late / 4)
+    if late - early < 2 * half:  # short runs: shrink the windows so they do not overlap
+        half = max((late - early) / 2, 0.0)
+    return early, late, half
+
+
+def ttft_drift(questions: Sequence[dict], early_at: float, late_at: float, half_width: float) -> dict[str, Any]:
+    """Median question TTFT around ``late_at`` over the median around ``early_at``."""
+    early = window_values(questions, "ttft_s", early_at, half_width)
+    late = window_values(questions, "ttft_s", late_at, half_width)
+    early_median, late_median = _median(early), _median(late)
+    ratio = late_median / early_median if early_median and late_median is not None else None
+    return {"early_at_s": early_at, "late_at_s": late_at, "half_window_s": half_width,
+            "early_median_ttft_ms": None if early_median is None else early_median * 1e3,
+            "late_median_ttft_ms": None if late_median is None else late_median * 1e3,
+            "early_questions": len(early), "late_questions": len(late), "ratio": ratio,
+            "target": TTFT_TARGET, "met": ratio is not None and ratio <= TTFT_TARGET}
+
+
+def memory_flatness(samples: Sequence[dict], stream: int, cap: Optional[int]) -> dict[str, Any]:
+    """How flat stream ``stream``'s memory stays once its visual KV first reached ``cap``.
+
+    ``samples[i]["streams"][stream]`` holds ``kv_slots`` (all KV slots of its memory) and
+    ``capped_kv_slots`` (what the server's cap counts: visual tokens and their delimiters).
+    Without a cap, or if the cap was never reached, ``settled_at_s`` is None (the first and
+    last ``kv_slots`` are still reported).
+    """
+    points = [(s["t"], s["streams"][stream]) for s in samples
+              if stream < len(s["streams"]) and s["streams"][stream].get("kv_slots")]
+    out: dict[str, Any] = {"stream": stream, "cap": cap, "samples": len(points), "settled_at_s": None,
+                           "spread": None, "min_kv_slots": None, "max_kv_slots": None,
+                           "target": FLATNESS_TARGET, "met": False}
+    if not points:
+        return out
+    out["first_kv_slots"], out["last_kv_slots"] = points[0][1]["kv_slots"], points[-1][1]["kv_slots"]
+    settled = None
+    if cap is not None:
+        settled = next((i for i, (_, s) in enumerate(points) if (s.get("capped_kv_slots") or 0) >= cap), None)
+    if settled is None:
+        return out
+    values = [s["kv_slots"] for _, s in points[settled:]]
+    out.update(settled_at_s=points[settled][0], min_kv_slots=min(values), max_kv_slots=max(values),
+               spread=(max(values) - min(values)) / max(values), samples_after_cap=len(values))
+    out["met"] = len(values) >= 2 and out["spread"] <= FLATNESS_TARGET
+    return out
+
+
+def ingest_fps_series(samples: Sequence[dict], chunk_frames: int) -> list[dict[str, float]]:
+    """Frames ingested per second per stream between consecutive samples (mean over streams)."""
+    series = []
+    for before, after in zip(samples, samples[1:]):
+        span = after["t"] - before["t"]
+        if span <= 0:
+            continue
+        rates = [(a["chunks"] - b["chunks"]) * chunk_frames / span
+                 for b, a in zip(before["streams"], after["streams"])]
+        series.append({"t": after["t"], "fps": sum(rates) / len(rates) if rates else 0.0})
+    return series
+
+
+def summarize(samples: Sequence[dict], questions: Sequence[dict], ingests: Sequence[dict],
+              settings: SoakSettings, elapsed_s: float, cap: Optional[int]) -> dict[str, Any]:
+    """Everything the report says about one backend's run."""
+    ok_questions = [q for q in questions if not q.get("error")]
+    ok_ingests = [i for i in ingests if not i.get("error")]
+    out: dict[str, Any] = {
+        "questions": len(questions),
+        "question_errors": len(questions) - len(ok_questions),
+        "ingests": len(ingests),
+        "ingest_errors": len(ingests) - len(ok_ingests),
+    }
+    out.update(distribution_ms("ttft", [q["ttft_s"] for q in ok_questions]))
+    out.update(distribution_ms("e2e_latency", [q["e2e_s"] for q in ok_questions]))
+    out.update(distribution_ms("ingest_latency", [i["seconds"] for i in ok_ingests]))
+    prompt = sum(q.get("prompt_tokens", 0) for q in ok_questions)
+    out["question_cached_token_share"] = sum(q.get("cached_tokens", 0) for q in ok_questions) / prompt if prompt else 0.0
+    last = samples[-1] if samples else {"streams": []}
+    frames_read = sum(s["frames_read"] for s in last["streams"])
+    frames_dropped = sum(s["frames_dropped"] for s in last["streams"])
+    chunks = sum(s["chunks"] for s in last["streams"])
+    out.update(frames_read=frames_read, frames_dropped=frames_dropped, chunks_ingested=chunks,
+               frames_dropped_share=frames_dropped / frames_read if frames_read else 0.0,
+               mean_ingest_fps_per_stream=chunks * settings.chunk_frames / elapsed_s / max(1, settings.streams),
+               source_fps_per_stream=settings.fps * settings.pace)
+    early, late, half = effective_marks(settings, elapsed_s)
+    out["ttft_drift"] = ttft_drift(questions, early, late, half)
+    flatness = [memory_flatness(samples, k, cap) for k in range(settings.streams)]
+    out["memory_flatness"] = flatness
+    spreads = [f["spread"] for f in flatness if f["spread"] is not None]
+    out["worst_memory_spread"] = max(spreads) if len(spreads) == len(flatness) and spreads else None
+    kv_last = [s["kv_slots"] for s in last["streams"] if s.get("kv_slots")]
+    out["final_kv_slots_per_stream"] = sum(kv_last) / len(kv_last) if kv_last else None
+    logical = [s["logical_tokens"] for s in last["streams"]]
+    out["final_logical_tokens_per_stream"] = sum(logical) / len(logical) if logical else None
+    peak = max((s["pool"].get("kv_used", 0) + s["pool"].get("kv_evictable", 0) for s in samples if s.get("pool")),
+               default=None)
+    out["peak_pool_tokens_cached"] = peak
+    out["evicted_tokens_total"] = last.get("pool", {}).get("evicted_total") if samples else None
+    out["failed_streams"] = sorted({k for sample in samples for k, s in enumerate(sample["streams"])
+                                    if s["status"] == "failed"})
+    out["errors"] = out["question_errors"] + out["ingest_errors"] + len(out["failed_streams"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------- video
+def generate_video(path: Path, seconds: float, fps: float, size: str = "224x168") -> Path:
+    """A test video at the sampling rate whose every frame differs (moving pattern, running
+    counter, noise, a slow hue rotation), so no two chunks hash alike and the vision encoder
+    never gets a free cache hit."""
+    if shutil.which("ffmpeg") is None:
+        raise SystemExit("ffmpeg is not installed: run bash scripts/setup.sh (or apt-get install ffmpeg)")
+    source = f"testsrc2=size={size}:rate={fps:g}:duration={seconds:.1f},noise=alls=12:allf=t+u,hue=h=t*3"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", source,
+                    "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", str(path)],
+                   check=True, timeout=max(120.0, seconds))
+    return path
+
+
+# ---------------------------------------------------------------------------------------- run
+class TimedBackend:
+    """The memory backend with every ingest timed (everything else passes through)."""
+
+    def __init__(self, backend, clock_origin: float):
+        self.backend = backend
+        self.name = backend.name
+        self.origin = clock_origin
+        self.ingests: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.backend, name)
+
+    def append_chunk(self, stream_id, chunk):
+        started = time.perf_counter()
+        record: dict[str, Any] = {"t": started - self.origin, "stream_id": stream_id, "chunk": chunk.index}
+        try:
+            receipt = self.backend.append_chunk(stream_id, chunk)
+            record["kv_slots"] = receipt.memory.kept_tokens
+            return receipt
+        except Exception as error:
+            record["error"] = f"{type(error).__name__}: {error}"[:300]
+            raise
+        finally:
+            record["seconds"] = time.perf_counter() - started
+            with self._lock:
+                self.ingests.append(record)
+
+
+class SoakRun:
+    """N streams, their question clients and the sampler, against one started server."""
+
+    def __init__(self, server, backend_name: str, settings: SoakSettings, video: Path, workdir: Path,
+                 redis_url: Optional[str], progress: bool = True):
+        from flashcache_sglang.streaming.sglang_backend import SGLangMemoryBackend
+        from flashcache_sglang.streaming.service import StreamManager
+        from flashcache_sglang.streaming.store import open_store
+
+        self.server = server
+        self.backend_name = backend_name
+        self.settings = settings
+        self.video = video
+        self.progress = progress
+        self.origin = time.perf_counter()
+        memory = SGLangMemoryBackend(server.url, str(workdir / "chunks"), fps=settings.fps, video_transport="path",
+                                     max_prompt_chunks=settings.max_prompt_chunks,
+                                     max_answer_tokens=settings.answer_tokens, timeout_s=settings.request_timeout_s)
+        self.memory = TimedBackend(memory, self.origin)
+        self.store = open_store(redis_url, namespace=f"flashcache-soak-{backend_name}-{secrets.token_hex(4)}")
+        self.manager = StreamManager(self.store, self.memory)
+        self.streams: list[tuple[str, str]] = []
+        self.questions: list[dict[str, Any]] = []
+        self.samples: list[dict[str, Any]] = []
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.origin
+
+    def config(self):
+        from flashcache_sglang.streaming.budget import BudgetSettings
+        from flashcache_sglang.streaming.chunker import ChunkSettings
+        from flashcache_sglang.streaming.service import StreamConfig
+        from flashcache_sglang.streaming.sources import SamplingSettings
+
+        s = self.settings
+        return StreamConfig(sampling=SamplingSettings(fps=s.fps, max_pixels=s.max_pixels, pace=s.pace),
+                            chunking=ChunkSettings(frames=s.chunk_frames),
+                            budget=BudgetSettings(kv_cap_tokens=s.kv_cap, base_retention=s.base_retention),
+                            queue_frames=s.queue_frames, drop_policy="drop_oldest")
+
+    def run(self) -> dict[str, Any]:
+        s = self.settings
+        clients = []
+        self.origin = self.memory.origin = time.perf_counter()
+        try:
+            for index in range(s.streams):
+                # Staggered so the streams' chunks do not all arrive at the same instant.
+                if index:
+                    time.sleep(s.chunk_period_s / s.streams)
+                self.streams.append(self.manager.start_stream(str(self.video), self.config()))
+                client = threading.Thread(target=self._ask_loop, args=(index,), name=f"soak-ask-{index}", daemon=True)
+                client.start()
+                clients.append(client)
+            next_sample = 0.0
+            while self.elapsed() < s.duration_s:
+                self._sample()
+                if self.progress:
+                    print(self._progress_line(), file=sys.stderr, flush=True)
+                next_sample += s.sample_interval_s
+                self.stop.wait(max(0.0, min(next_sample, s.duration_s) - self.elapsed()))
+        finally:
+            self.stop.set()
+            elapsed = self.elapsed()
+            self.manager.shutdown(timeout_s=s.request_timeout_s)
+            for client in clients:
+                client.join(s.request_timeout_s)
+            self._sample()
+        cap = s.kv_cap if self.backend_name == "flashcache" else None
+        summary = summarize(self.samples, self.questions, self.memory.ingests, s, elapsed, cap)
+        return {"elapsed_s": elapsed, "summary": summary, "samples": self.samples,
+                "questions": self.questions, "ingests": self.memory.ingests}
+
+    def _ask_loop(self, index: int) -> None:
+        s = self.settings
+        stream_id, token = self.streams[index]
+        # The first question after the first chunk can have landed; clients spread over the interval.
+        next_at = self.elapsed() + 2 * s.chunk_period_s + index * s.question_interval_s / s.streams
+        asked = 0
+        while not self.stop.wait(max(0.0, next_at - self.elapsed())):
+            question = QUESTIONS[asked % len(QUESTIONS)]
+            conversation = f"client{index}-conversation{asked // s.turns}"
+            record: dict[str, Any] = {"t": self.elapsed(), "stream": index, "turn": asked % s.turns}
+            try:
+                answer = self.manager.ask(stream_id, token, question, conversation_id=conversation)
+                if answer.memory_chunks == 0:
+                    record["skipped"] = "no chunk in memory yet"
+                else:
+                    record.update(ttft_s=answer.ttft_s, e2e_s=answer.extra.get("e2e_s"),
+                                  cached_tokens=answer.cached_tokens, memory_chunks=answer.memory_chunks,
+                                  prompt_tokens=answer.extra.get("prompt_tokens"),
+                                  prompt_kv_slots=answer.extra.get("prompt_kv_slots"))
+            except Exception as error:  # noqa: BLE001 - counted as an error in the report
+                if self.stop.is_set():
+                    break  # the run ended under it
+                record["error"] = f"{type(error).__name__}: {error}"[:300]
+            if "skipped" not in record:
+                with self._lock:
+                    self.questions.append(record)
+            asked += 1
+            next_at = max(next_at + s.question_interval_s, self.elapsed())
+
+    def _sample(self) -> None:
+        streams = []
+        for stream_id, _ in self.streams:
+            progress = self.manager.progress(stream_id)
+            entry: dict[str, Any] = {"chunks": 0, "frames_read": 0, "frames_dropped": 0, "kv_slots": 0,
+                                     "logical_tokens": 0, "visual_kv_slots": None, "capped_kv_slots": None,
+                                     "status": "stopped"}
+            if progress is not None:
+                entry.update(chunks=progress.chunks, frames_read=progress.frames_read,
+                             frames_dropped=progress.frames_dropped, status=progress.status)
+            elif self.samples:  # shut down at the end of the run: its last counters and status
+                entry.update(self.samples[-1]["streams"][len(streams)])
+            try:
+                usage = self.memory.memory_tokens(stream_id)
+                entry.update(kv_slots=usage.kept_tokens, logical_tokens=usage.logical_tokens)
+                report = self.memory.last_ingest(stream_id)
+                if report is not None:
+                    entry.update(visual_kv_slots=report.visual_kv_slots, capped_kv_slots=report.capped_kv_slots)
+            except Exception:  # noqa: BLE001 - released at the end of the run
+                pass
+            streams.append(entry)
+        sample = {"t": self.elapsed(), "streams": streams, "pool": self._pool(), "load1": load_average()[0]}
+        self.samples.append(sample)
+
+    def _pool(self) -> dict[str, float]:
+        try:
+            text = requests.get(f"{self.server.url}/metrics", timeout=30).text
+        except requests.RequestException:
+            return {}
+        return {key: prometheus_value(text, name) for key, name in POOL_METRICS.items()}
+
+    def _progress_line(self) -> str:
+        last = self.samples[-1]
+        kv = [s["kv_slots"] for s in last["streams"]]
+        dropped = sum(s["frames_dropped"] for s in last["streams"])
+        chunks = sum(s["chunks"] for s in last["streams"])
+        answered = [q for q in self.questions if not q.get("error")]
+        ttft = f"{answered[-1]['ttft_s'] * 1e3:.0f} ms" if answered else "-"
+        pool = last["pool"]
+        cached = int(pool.get("kv_used", 0) + pool.get("kv_evictable", 0)) if pool else "?"
+        return (f"[soak] {self.backend_name:<10} {last['t']:6.0f}/{self.settings.duration_s:.0f} s  chunks {chunks:4d}  "
+                f"kv/stream {kv}  pool cached {cached}/{self.settings.max_total_tokens}  dropped frames {dropped}  "
+                f"questions {len(answered)} (last TTFT {ttft})  load {last['load1']:.1f}")
+
+
+# ---------------------------------------------------------------------------------------- driver
+def server_flags(settings: SoakSettings) -> list[str]:
+    mm = {"video": {"fps": settings.fps, "min_pixels": 28 * 28 * 4, "max_pixels": settings.max_pixels}}
+    return ["--enable-multimodal", "--mm-process-config", json.dumps(mm), "--enable-metrics"]
+
+
+def flashcache_settings(settings: SoakSettings) -> dict[str, Any]:
+    return {"retention": settings.base_retention, "candidates": "multimodal", "min_candidates": 8}
+
+
+_ACTIVE_SERVERS: list = []
+
+
+def run_backend(backend: str, settings: SoakSettings, model: str, video: Path, workdir: Path,
+                redis_url: Optional[str], startup_timeout: float) -> dict[str, Any]:
+    from flashcache_sglang.testing.server import SGLangServer
+
+    server = SGLangServer(model, flashcache=flashcache_settings(settings) if backend == "flashcache" else None,
+                          extra_args=server_flags(settings), max_total_tokens=settings.max_total_tokens,
+                          startup_timeout=startup_timeout, log_dir=workdir)
+    out: dict[str, Any] = {"server_log": str(server.log_path)}
+    print(f"[soak] {backend}: starting the server (pool {settings.max_total_tokens} tokens)", file=sys.stderr, flush=True)
+    _ACTIVE_SERVERS.append(server)
+    started = time.monotonic()
+    try:
+        try:
+            server.start()
+        except Exception as error:  # noqa: BLE001 - recorded; the other backend still runs
+            out["error"] = f"server start failed: {error}"[:2000]
+            return out
+        out["startup_s"] = time.monotonic() - started
+        out["load_average_start"] = load_average()
+        run = SoakRun(server, backend, settings, video, workdir / backend, redis_url)
+        out.update(run.run())
+        out["load_average_end"] = load_average()
+        out["leak_check"] = BenchServer(server, backend, settings.request_timeout_s).flush()
+        if backend == "flashcache":
+            stats = server.stats()
+            out["flashcache_stats"] = {k: stats.get(k) for k in (
+                "requests_compressed", "candidate_tokens", "kept_tokens", "slots_saved", "shrink_dropped_tokens",
+                "compression_seconds")}
+        out["server_alive_at_end"] = server.alive()
+    finally:
+        if not server.alive():
+            out["log_tail"] = server.log_tail(40)
+        server.stop()
+        _ACTIVE_SERVERS.remove(server)
+    return out
+
+
+def quick_settings() -> SoakSettings:
+    """The CI version: two streams for 40 s at twice real time (80 s of video each)."""
+    return SoakSettings(streams=2, duration_s=40.0, pace=2.0, kv_cap=48, max_prompt_chunks=16,
+                        question_interval_s=5.0, sample_interval_s=2.0, max_total_tokens=1024,
+                        early_at_s=10.0, late_at_s=35.0, window_s=10.0, request_timeout_s=120.0)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace, SoakSettings]:
+    base = SoakSettings()
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the CI version (2 streams, 40 s a backend, pace 2)")
+    parser.add_argument("--streams", type=int, help=f"concurrent streams (default {base.streams})")
+    parser.add_argument("--minutes", type=float, help=f"soak length per backend (default {base.duration_s / 60:g})")
+    parser.add_argument("--pace", type=float, help=f"video seconds per wall second (default {base.pace:g}: live)")
+    parser.add_argument("--fps", type=float, help=f"sampled frames per second (default {base.fps:g})")
+    parser.add_argument("--chunk-frames", type=int, help=f"frames per chunk (default {base.chunk_frames})")
+    parser.add_argument("--max-pixels", type=int, help=f"pixels per frame (default {base.max_pixels}: the tiny model)")
+    parser.add_argument("--kv-cap", type=int, help=f"visual KV tokens a FlashCache stream keeps (default {base.kv_cap})")
+    parser.add_argument("--base-retention", type=float, help=f"default {base.base_retention}")
+    parser.add_argument("--max-prompt-chunks", type=int,
+                        help=f"horizon: chunks in a stream's prompt, both backends (default {base.max_prompt_chunks})")
+    parser.add_argument("--question-interval", type=float, help=f"seconds between questions per stream (default {base.question_interval_s:g})")
+    parser.add_argument("--turns", type=int, help=f"turns per conversation (default {base.turns})")
+    parser.add_argument("--answer-tokens", type=int, help=f"tokens per answer (default {base.answer_tokens})")
+    parser.add_argument("--sample-interval", type=float, help=f"seconds between samples (default {base.sample_interval_s:g})")
+    parser.add_argument("--max-total-tokens", type=int, help=f"KV pool of BOTH servers (default {base.max_total_tokens})")
+    parser.add_argument("--early-at", type=float, help=f"early TTFT mark, s (default {base.early_at_s:g})")
+    parser.add_argument("--late-at", type=float, help=f"late TTFT mark, s (default {base.late_at_s:g})")
+    parser.add_argument("--window", type=float, help=f"seconds of questions around each mark (default {base.window_s:g})")
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+    parser.add_argument("--model-path", help="a Qwen2.5-VL model (default: the tiny random-weight one)")
+    parser.add_argument("--redis-url", default=os.environ.get("FLASHCACHE_REDIS_URL"),
+                        help="metadata store (default: in process)")
+    parser.add_argument("--startup-timeout", type=float, default=600.0)
+    parser.add_argument("--wait-for-load", type=float, default=None, metavar="LOAD",
+                        help="first wait until the 1-minute load average is below LOAD")
+    parser.add_argument("--wait-timeout", type=float, default=1200.0)
+    parser.add_argument("--output", type=Path, default=None, help="JSON path (default benchmarks/results/soak_*.json)")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: the JSON's, .png)")
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    overrides = {"streams": args.streams, "pace": args.pace, "fps": args.fps, "chunk_frames": args.chunk_frames,
+                 "max_pixels": args.max_pixels, "kv_cap": args.kv_cap, "base_retention": args.base_retention,
+                 "max_prompt_chunks": args.max_prompt_chunks, "question_interval_s": args.question_interval,
+                 "turns": args.turns, "answer_tokens": args.answer_tokens,
+                 "sample_interval_s": args.sample_interval, "max_total_tokens": args.max_total_tokens,
+                 "early_at_s": args.early_at, "late_at_s": args.late_at, "window_s": args.window,
+                 "duration_s": None if args.minutes is None else args.minutes * 60}
+    start = quick_settings() if args.quick else base
+    try:
+        settings = SoakSettings(**{**asdict(start), **{k: v for k, v in overrides.items() if v is not None}})
+    except ValueError as error:
+        parser.error(str(error))
+    return args, settings
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    for server in list(_ACTIVE_SERVERS):
+        server.stop()
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args, settings = parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    command = "python -m benchmarks.soak " + " ".join(sys.argv[1:] if argv is None else argv)
+    waited = wait_for_load(args.wait_for_load, args.wait_timeout) if args.wait_for_load is not None else None
+    if args.model_path:
+        model = args.model_path
+    else:
+        from flashcache_sglang.testing.models import tiny_qwen2_5_vl_dir
+
+        model = str(tiny_qwen2_5_vl_dir())
+    workdir = Path(tempfile.mkdtemp(prefix="flashcache-soak-"))
+    started = time.monotonic()
+    print(f"[soak] generating {settings.video_seconds:.0f} s of test video", file=sys.stderr, flush=True)
+    video = generate_video(workdir / "stream.mp4", settings.video_seconds, settings.fps)
+    backends = {}
+    try:
+        for backend in args.backends:
+            backends[backend] = run_backend(backend, settings, model, video, workdir, args.redis_url,
+                                            args.startup_timeout)
+    finally:
+        keep = os.environ.get("FLASHCACHE_SOAK_KEEP")
+        if not keep:
+            shutil.rmtree(workdir / "vanilla" / "chunks", ignore_errors=True)
+            shutil.rmtree(workdir / "flashcache" / "chunks", ignore_errors=True)
+    report = build_report(backends, settings, command, model, waited, time.monotonic() - started, args)
+    output = args.output or RESULTS_DIR / f"soak_{'quick' if args.quick else 'cpu'}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(finite(report), indent=1, allow_nan=False))
+    print(f"[soak] wrote {output} (server logs under {workdir})", file=sys.stderr)
+    if not args.no_plot:
+        from benchmarks.plot_soak import plot_soak
+
+        plot_path = args.plot or output.with_suffix(".png")
+        plot_soak(finite(report), plot_path)
+        print(f"[soak] wrote {plot_path}", file=sys.stderr)
+    print_summary(report)
+    return 0 if report["ok"] else 1
+
+
+def build_report(backends: dict[str, dict], settings: SoakSettings, command: str, model: str,
+                 waited: Optional[dict], elapsed_s: float, args) -> dict[str, Any]:
+    from flashcache_sglang import cpu_compat
+
+    errors, failed_checks = 0, []
+    for name, run in backends.items():
+        if "error" in run:
+            failed_checks.append(f"{name}: {run['error'][:200]}")
+            continue
+        errors += run["summary"]["errors"]
+        if not run["leak_check"].get("ok"):
+            failed_checks.append(f"{name}: leak check {run['leak_check']}")
+    targets: dict[str, Any] = {}
+    flash = backends.get("flashcache", {}).get("summary")
+    vanilla = backends.get("vanilla", {}).get("summary")
+    if flash:
+        targets["flashcache_ttft_drift"] = flash["ttft_drift"]["ratio"]
+        targets["flashcache_ttft_drift_met"] = flash["ttft_drift"]["met"]
+        targets["flashcache_worst_memory_spread"] = flash["worst_memory_spread"]
+        targets["flashcache_memory_flat_met"] = all(f["met"] for f in flash["memory_flatness"])
+    if vanilla:
+        targets["vanilla_ttft_drift"] = vanilla["ttft_drift"]["ratio"]
+    if flash and vanilla and flash["final_kv_slots_per_stream"] and vanilla["final_kv_slots_per_stream"]:
+        targets["kv_slots_per_stream_ratio"] = flash["final_kv_slots_per_stream"] / vanilla["final_kv_slots_per_stream"]
+    model_name = Path(model).name if Path(model).exists() else model
+    return {
+        "benchmark": "soak",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "quick": bool(args.quick),
+        "machine": {**machine_info(), "waited_for_load": waited},
+        "settings": {**asdict(settings), "model": model_name,
+                     "dtype": "float32" if cpu_compat.needed() else "model default",
+                     "flashcache": flashcache_settings(settings), "server_args": server_flags(settings),
+                     "metadata_store": "redis" if args.redis_url else "in-process"},
+        "backends": backends,
+        "targets": targets,
+        "errors": errors,
+        "failed_checks": failed_checks,
+        "elapsed_s": elapsed_s,
+        "ok": errors == 0 and not failed_checks and set(backends) == set(args.backends),
+    }
+
+
+def print_summary(report: dict) -> None:
+    keys = ("questions", "median_ttft_ms", "p99_ttft_ms", "median_ingest_latency_ms", "mean_ingest_fps_per_stream",
+            "frames_dropped_share", "final_kv_slots_per_stream", "final_logical_tokens_per_stream",
+            "peak_pool_tokens_cached", "evicted_tokens_total", "errors")
+    runs = {name: run.get("summary", {}) for name, run in report["backends"].items()}
+    print(f"\n{'metric':<34}" + "".join(f"{name:>14}" for name in runs))
+    for key in keys:
+        cells = "".join(f"{v:14.4g}" if isinstance(v, (int, float)) else f"{str(v):>14}"
+                        for v in (runs[name].get(key) for name in runs))
+        print(f"{key:<34}{cells}")
+    for name, summary in runs.items():
+        drift = summary.get("ttft_drift") or {}
+        print(f"{name}: TTFT at {drift.get('late_at_s', 0):.0f} s / at {drift.get('early_at_s', 0):.0f} s = "
+              f"{drift.get('ratio')}; memory spread after the cap: "
+              f"{[f.get('spread') for f in summary.get('memory_flatness', [])]}")
+    print(f"targets: {report['targets']}")
+    print(f"errors: {report['errors']}, failed checks: {report['failed_checks']}, ok: {report['ok']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
