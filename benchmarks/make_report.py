@@ -9,7 +9,10 @@ Each JSON is recognised by its content and whatever is missing is skipped (and s
 - kernels (benchmarks/bench_kernels.py): compression time vs tokens, one figure per device
   (benchmarks/plot_kernels.py, which names it after the first file of that device);
 - fidelity (``python -m benchmarks.fidelity``): perplexity ratio / attention error per policy and
-  retention, figure ``<same name>.png``.
+  retention, figure ``<same name>.png``;
+- soak (``python -m benchmarks.soak``): streams over time, vanilla SGLang vs FlashCache, figure
+  ``<same name>.png`` (benchmarks/plot_soak.py);
+- video overhead (``python -m benchmarks.video_overhead``): what a request pays per cached video.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ if str(HERE.parent) not in sys.path:  # run as a script: make `benchmarks` impor
 def kind_of(data: Any) -> Optional[str]:
     if not isinstance(data, dict):
         return None
-    if data.get("benchmark") == "serving":
-        return "serving"
+    if data.get("benchmark") in ("serving", "soak", "video_overhead"):
+        return data["benchmark"]
     rows = data.get("results")
     if isinstance(rows, list) and isinstance(data.get("device"), dict) and rows and "num_tokens" in rows[0]:
         return "kernels"
@@ -102,6 +105,97 @@ def serving_section(path: Path, report: dict) -> list[str]:
     return lines
 
 
+# ---------------------------------------------------------------------------------------- soak
+SOAK_KEYS = ("questions", "median_ttft_ms", "p99_ttft_ms", "median_e2e_latency_ms", "median_ingest_latency_ms",
+             "p99_ingest_latency_ms", "mean_ingest_fps_per_stream", "source_fps_per_stream", "frames_dropped_share",
+             "final_kv_slots_per_stream", "final_logical_tokens_per_stream", "peak_pool_tokens_cached",
+             "evicted_tokens_total", "question_cached_token_share", "errors")
+
+
+def _where(machine: dict) -> str:
+    if machine.get("device") == "cuda" and machine.get("gpu_name"):
+        return f"{machine['gpu_name']}"
+    return f"{machine.get('cpu_model')} ({machine.get('cores')} cores, {machine.get('device')})"
+
+
+def soak_headline(report: dict) -> str:
+    """One sentence: memory per stream, flatness and TTFT drift, all from the JSON."""
+    settings, targets = report["settings"], report.get("targets", {})
+    runs = {name: run.get("summary", {}) for name, run in report["backends"].items()}
+    flash, vanilla = runs.get("flashcache", {}), runs.get("vanilla", {})
+    parts = [f"{settings['streams']} streams x {settings['duration_s'] / 60:g} min"]
+    if flash.get("final_kv_slots_per_stream") and vanilla.get("final_kv_slots_per_stream"):
+        parts.append(f"KV slots a stream holds at the end: FlashCache {flash['final_kv_slots_per_stream']:.0f} vs vanilla "
+                     f"{vanilla['final_kv_slots_per_stream']:.0f} (x{targets.get('kv_slots_per_stream_ratio', 0):.2f})")
+    spread = targets.get("flashcache_worst_memory_spread")
+    if spread is not None:
+        parts.append(f"FlashCache memory spread after reaching the cap {spread:.1%} (target <= 5%: "
+                     f"{'met' if targets.get('flashcache_memory_flat_met') else 'NOT met'})")
+    for name, label in (("flashcache", "FlashCache"), ("vanilla", "vanilla")):
+        drift = (runs.get(name) or {}).get("ttft_drift") or {}
+        if drift.get("ratio") is not None:
+            parts.append(f"{label} question TTFT at {drift['late_at_s'] / 60:.3g} min / at {drift['early_at_s'] / 60:.3g} min "
+                         f"x{drift['ratio']:.2f}" + (" (target <= 1.2: " + ("met)" if drift["met"] else "NOT met)")
+                                                     if name == "flashcache" else ""))
+    if vanilla.get("evicted_tokens_total"):
+        parts.append(f"vanilla evicted {vanilla['evicted_tokens_total']:.0f} cached tokens, FlashCache "
+                     f"{flash.get('evicted_tokens_total') or 0:.0f}")
+    parts.append(f"errors {report.get('errors')}, failed checks {len(report.get('failed_checks', []))}")
+    return "; ".join(parts)
+
+
+def soak_section(path: Path, report: dict) -> list[str]:
+    from benchmarks.plot_soak import plot_soak
+
+    figure = plot_soak(report, path.with_suffix(".png"))
+    machine, settings = report["machine"], report["settings"]
+    lines = [f"### Soak: live streams over time, vanilla SGLang vs FlashCache ({path.name}"
+             f"{', QUICK' if report.get('quick') else ''})", "", f"![soak]({figure.name})", "",
+             f"- command: `{report.get('command')}`",
+             f"- machine: {_where(machine)}, torch {machine.get('torch')}, sglang {machine.get('sglang')}",
+             f"- model {settings['model']} ({settings['dtype']}), KV pool {settings['max_total_tokens']} tokens for "
+             f"both servers; {settings['streams']} streams replayed at {settings['pace']:g}x real time, "
+             f"{settings['fps']:g} fps, {settings['chunk_frames']} frames a chunk, horizon "
+             f"{settings['max_prompt_chunks']} chunks; FlashCache cap {settings['kv_cap']} visual slots a stream, "
+             f"base retention {settings['base_retention']}; a question every {settings['question_interval_s']:g} s "
+             f"per stream; metadata store: {settings.get('metadata_store')}",
+             f"- {soak_headline(report)}", ""]
+    runs = {name: run.get("summary", {}) for name, run in report["backends"].items()}
+    names = list(runs)
+    lines += _table(["metric", *names], [[key, *(runs[n].get(key) for n in names)] for key in SOAK_KEYS])
+    rows = []
+    for name in names:
+        for flat in runs[name].get("memory_flatness", []):
+            rows.append([name, flat["stream"], flat.get("settled_at_s"), flat.get("first_kv_slots"),
+                         flat.get("last_kv_slots"), flat.get("min_kv_slots"), flat.get("max_kv_slots"), flat.get("spread")])
+    lines += _table(["backend", "stream", "reached the cap at s", "first KV slots", "last KV slots",
+                     "min after cap", "max after cap", "spread"], rows)
+    for name in names:
+        if "error" in report["backends"][name]:
+            lines += [f"- {name}: {report['backends'][name]['error'][:300]}", ""]
+    return lines
+
+
+def video_overhead_line(report: dict) -> str:
+    per_video = report.get("ms_per_video")
+    processor = report.get("processor_ms_per_video")
+    return (f"each request re-processes every video of its prompt even when all are cached: "
+            f"{per_video:.1f} ms per video of request latency"
+            + (f", {processor:.1f} ms of it in SGLang's video processor" if processor is not None else ""))
+
+
+def video_overhead_section(path: Path, report: dict) -> list[str]:
+    lines = [f"### Video overhead per request ({path.name})", "",
+             f"- command: `{report.get('command')}`; machine: {_where(report['machine'])}; model "
+             f"{report['settings']['model']}",
+             f"- {video_overhead_line(report)}", ""]
+    rows = [[r["videos"], r["prompt_tokens"], r["median_latency_ms"], r.get("median_load_ms"),
+             r.get("median_preprocess_ms"), r.get("median_process_ms"), r.get("median_rope_ms"), r["min_cached_share"]]
+            for r in report["rows"]]
+    return lines + _table(["videos", "prompt tokens", "median latency ms (fully cached)", "load ms", "preprocess ms",
+                           "HF processor ms", "rope ms", "cached share"], rows)
+
+
 # ---------------------------------------------------------------------------------------- kernels
 def kernels_section(group: list[tuple[Path, dict]]) -> list[str]:
     device = group[0][1]["device"].get("device_name", "unknown device")
@@ -152,7 +246,8 @@ def _shown(path: Path) -> str:
 
 def build_report(results: Path) -> tuple[str, dict[str, list[str]]]:
     """REPORT.md's text and, per kind, the JSON files used."""
-    found: dict[str, list[tuple[Path, dict]]] = {"serving": [], "kernels": [], "fidelity": []}
+    found: dict[str, list[tuple[Path, dict]]] = {"serving": [], "soak": [], "video_overhead": [], "kernels": [],
+                                                 "fidelity": []}
     ignored = []
     for path in sorted(results.glob("*.json")):
         try:
@@ -171,6 +266,10 @@ def build_report(results: Path) -> tuple[str, dict[str, list[str]]]:
     sections: list[tuple[str, str, Callable[[], list[str]]]] = []
     for path, data in found["serving"]:
         sections.append(("serving", path.name, lambda p=path, d=data: serving_section(p, d)))
+    for path, data in found["soak"]:
+        sections.append(("soak", path.name, lambda p=path, d=data: soak_section(p, d)))
+    for path, data in found["video_overhead"]:
+        sections.append(("video_overhead", path.name, lambda p=path, d=data: video_overhead_section(p, d)))
     by_device: dict[str, list[tuple[Path, dict]]] = {}
     for path, data in found["kernels"]:
         by_device.setdefault(data["device"].get("device_name", "unknown"), []).append((path, data))
@@ -183,7 +282,8 @@ def build_report(results: Path) -> tuple[str, dict[str, list[str]]]:
             lines += render()
         except Exception as error:  # noqa: BLE001 - one malformed file must not hide the others
             lines += [f"### {kind}: {name}", "", f"_skipped: {type(error).__name__}: {error}_", ""]
-    hints = {"serving": "python -m benchmarks.serving", "kernels": "bash benchmarks/run_gpu_suite.sh (GPU)",
+    hints = {"serving": "python -m benchmarks.serving", "soak": "python -m benchmarks.soak",
+             "video_overhead": "python -m benchmarks.video_overhead", "kernels": "bash benchmarks/run_gpu_suite.sh (GPU)",
              "fidelity": "python -m benchmarks.fidelity ..."}
     missing = [f"- {kind}: none found (run `{hints[kind]}`)" for kind in found if not found[kind]]
     if missing or ignored:
@@ -227,6 +327,12 @@ def readme_block(results: Path) -> list[str]:
                 if shown and name != "sessions-held":
                     lines.append(f"- {name} ({where}), FlashCache / vanilla: "
                                  + ", ".join(f"{k} x{v:.2f}" for k, v in shown.items()) + f" (`{path.name}`)")
+        elif kind == "soak":
+            lines.append(f"- **Soak** ({_where(data.get('machine', {}))}, {data['settings']['model']}"
+                         f"{', quick' if data.get('quick') else ''}): {soak_headline(data)} (`{path.name}`)")
+        elif kind == "video_overhead":
+            lines.append(f"- Video overhead ({_where(data.get('machine', {}))}, {data['settings']['model']}): "
+                         f"{video_overhead_line(data)} (`{path.name}`)")
         elif kind == "kernels":
             lines.append(f"- kernels on {data['device'].get('device_name', '?')}: see REPORT.md (`{path.name}`)")
         elif kind == "fidelity":
