@@ -620,10 +620,14 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpu_model": cpu_model or platform.processor(), "cores": os.cpu_count(),
+    info = {"cpu_model": cpu_model or platform.processor(), "cores": os.cpu_count(),
             "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "sglang": sglang_version,
             "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    if torch.cuda.is_available():
+        info["gpu_name"] = torch.cuda.get_device_name(0)
+        info["gpu_count"] = torch.cuda.device_count()
+    return info
 
 
 def resolve_model(name: str) -> str:
