@@ -321,8 +321,9 @@ def readme_block(results: Path) -> list[str]:
                              f"(`{path.name}`)")
             for name, workload in data.get("workloads", {}).items():
                 ratios = workload.get("ratios", {})
-                shown = {k: ratios[k] for k in ("request_throughput", "median_ttft_ms", "median_tpot_ms",
-                                                "max_running_requests", "prompts_fitting_in_pool")
+                shown = {k: ratios[k] for k in ("prefix_kv_slots", "mean_prompt_kv_slots", "request_throughput",
+                                                "median_ttft_ms", "median_tpot_ms", "max_running_requests",
+                                                "prompts_fitting_in_pool")
                          if isinstance(ratios.get(k), (int, float))}
                 if shown and name != "sessions-held":
                     lines.append(f"- {name} ({where}), FlashCache / vanilla: "

@@ -57,7 +57,7 @@ def _latency(axes, name: str, workload: dict, extra: str = "") -> None:
     axes.set_yscale("log")
 
 
-def _multi_turn(axes, workload: dict) -> None:
+def _multi_turn(axes, workload: dict, name: str = "multi-turn") -> None:
     for backend in ("vanilla", "flashcache"):
         turns = workload[backend].get("per_turn") or []
         if not turns:
@@ -68,7 +68,7 @@ def _multi_turn(axes, workload: dict) -> None:
             axes.annotate(f"{100 * _number(t.get('cached_token_share')):.0f}% cached",
                           (t["turn"], _number(t.get("median_ttft_ms"))), fontsize=7, textcoords="offset points",
                           xytext=(4, 4 if backend == "flashcache" else -10), color=COLORS[backend])
-    axes.set(xlabel="turn", ylabel="median TTFT (ms)", title="multi-turn: TTFT per turn (cached-token share)")
+    axes.set(xlabel="turn", ylabel="median TTFT (ms)", title=f"{name}: TTFT per turn (cached-token share)")
     axes.xaxis.get_major_locator().set_params(integer=True)
     axes.legend(fontsize=8)
 
@@ -89,6 +89,12 @@ def plot_serving(report: dict, path: str | Path) -> Path:
         w2 = workloads["shared-prefix"]
         slots = "/".join(str(w2[b].get("prefix_kv_slots")) for b in ("vanilla", "flashcache"))
         panels.append(lambda ax: _latency(ax, "shared-prefix", w2, f" (prefix KV slots {slots})"))
+    if "video-shared-prefix" in workloads:
+        w3 = workloads["video-shared-prefix"]
+        slots3 = "/".join(str(w3[b].get("prefix_kv_slots")) for b in ("vanilla", "flashcache"))
+        panels.append(lambda ax: _latency(ax, "video-shared-prefix", w3, f" (prefix KV slots {slots3})"))
+    if "video-multi-turn" in workloads:
+        panels.append(lambda ax: _multi_turn(ax, workloads["video-multi-turn"], "video-multi-turn"))
     count = max(1, len(panels))
     figure, axes = plt.subplots(1, count, figsize=(max(7.5, 5.2 * count), 4.8), squeeze=False)
     for panel, ax in zip(panels, axes[0]):

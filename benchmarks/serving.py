@@ -27,6 +27,10 @@ Workloads (prompts are real English text: the licenses in /usr/share/common-lice
   whole conversation so far; cached-token share and TTFT per turn.
 - ``shared-prefix``: one long prefix, cached by a warm-up request, then ``num_branches``
   requests branching off it with different questions.
+- ``video-shared-prefix`` and ``video-multi-turn`` (with a Qwen2.5-VL model, ``--model tiny-vl``
+  on CPU): the same two shapes over a *video* prefix (``videos`` 2-frame clips of a generated
+  video, one Qwen-VL temporal patch each, as the stream backend sends them); FlashCache
+  compresses the visual tokens (``candidates`` multimodal). Not in the default set.
 
 After each workload on each server the tool checks for errors and leaked KV slots: it flushes
 the cache, and for FlashCache reads the allocator's free count once the tree gave back every
@@ -65,6 +69,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 LICENSES_DIR = Path("/usr/share/common-licenses")
 BACKENDS = ("vanilla", "flashcache")
 WORKLOAD_NAMES = ("sessions-held", "long-prompt", "multi-turn", "shared-prefix")
+VIDEO_WORKLOAD_NAMES = ("video-shared-prefix", "video-multi-turn")
 # Flags both servers get: the eviction counter comes from /metrics, admission from the
 # scheduler's "#running-req" logged at every decode step.
 COMMON_SERVER_ARGS = ("--enable-metrics", "--decode-log-interval", "1")
@@ -84,6 +89,8 @@ FULL_SIZES: dict[str, dict[str, Any]] = {
     "multi-turn": {"num_sessions": 3, "turns": 3, "context_tokens": 1000, "output_tokens": 24},
     "shared-prefix": {"prefix_tokens": 1500, "num_branches": 8, "output_tokens": 24,
                       "max_concurrency": 8},
+    "video-shared-prefix": {"videos": 32, "num_branches": 8, "output_tokens": 16, "max_concurrency": 4},
+    "video-multi-turn": {"num_sessions": 3, "turns": 3, "videos": 16, "output_tokens": 16},
 }
 QUICK_SIZES: dict[str, dict[str, Any]] = {
     "sessions-held": {"session_tokens": 256, "max_sessions": 16, "probe_tokens": 32},
@@ -92,12 +99,15 @@ QUICK_SIZES: dict[str, dict[str, Any]] = {
     "multi-turn": {"num_sessions": 2, "turns": 2, "context_tokens": 200, "output_tokens": 8},
     "shared-prefix": {"prefix_tokens": 256, "num_branches": 4, "output_tokens": 8,
                       "max_concurrency": 4},
+    "video-shared-prefix": {"videos": 8, "num_branches": 4, "output_tokens": 8, "max_concurrency": 4},
+    "video-multi-turn": {"num_sessions": 2, "turns": 2, "videos": 6, "output_tokens": 8},
 }
 # 7800 slots: vanilla holds 7 sessions of 1000 tokens; FlashCache at retention 0.2 keeps ~229 slots
 # a session and needs one uncompressed prefill's room (1001) free, so (7800 - 1001) // 229 + 1 = 30.
 FULL_POOL_TOKENS = 7800
 QUICK_POOL_TOKENS = 1024
 DEFAULT_FLASHCACHE = {"retention": 0.2, "candidates": "text", "sink_tokens": 4, "recent_tokens": 32}
+VIDEO_FPS, VIDEO_MAX_PIXELS = 2.0, 28 * 28 * 16  # the tiny Qwen2.5-VL's processor limit
 QUESTION_TOPICS = ("redistribution", "warranty", "patents", "source code", "liability", "license terms",
                    "modifications", "termination", "trademarks", "compatibility", "the authors",
                    "notices", "distribution of binaries", "sublicensing", "jurisdiction", "fees")
@@ -149,6 +159,7 @@ class RequestSpec:
     input_ids: list[int]
     output_tokens: int
     label: str = ""
+    body: Optional[dict] = None  # instead of input_ids: e.g. {"text": ..., "video_data": [...]}
 
 
 @dataclass
@@ -186,7 +197,7 @@ class RequestOutcome:
 def stream_generate(url: str, spec: RequestSpec, timeout: float) -> RequestOutcome:
     """POST /generate with ``stream``; TTFT at the first token, ITL between token chunks."""
     outcome = RequestOutcome(label=spec.label, prompt_tokens=len(spec.input_ids))
-    body = {"input_ids": spec.input_ids, "stream": True,
+    body = {**(spec.body or {"input_ids": spec.input_ids}), "stream": True,
             "sampling_params": {"max_new_tokens": spec.output_tokens, "temperature": 0.0, "ignore_eos": True}}
     outcome.start = time.perf_counter()
     seen, last_chunk, final = 0, outcome.start, None
@@ -227,6 +238,7 @@ def stream_generate(url: str, spec: RequestSpec, timeout: float) -> RequestOutco
     meta = final["meta_info"]
     outcome.output_tokens = meta.get("completion_tokens", seen)
     outcome.cached_tokens = meta.get("cached_tokens", 0)
+    outcome.prompt_tokens = meta.get("prompt_tokens", outcome.prompt_tokens)
     reports = meta.get("flashcache")
     outcome.flashcache = reports[0] if isinstance(reports, list) and reports else reports
     outcome.success = True
@@ -379,8 +391,9 @@ class BenchServer:
     def is_flashcache(self) -> bool:
         return self.backend == "flashcache"
 
-    def generate(self, input_ids: list[int], output_tokens: int, label: str = "") -> RequestOutcome:
-        return stream_generate(self.url, RequestSpec(input_ids, output_tokens, label), self.request_timeout)
+    def generate(self, input_ids: list[int], output_tokens: int, label: str = "",
+                 body: Optional[dict] = None) -> RequestOutcome:
+        return stream_generate(self.url, RequestSpec(input_ids, output_tokens, label, body), self.request_timeout)
 
     def evicted_tokens(self) -> float:
         response = requests.get(f"{self.url}/metrics", timeout=30)
@@ -445,6 +458,7 @@ class WorkloadContext:
     deadline: float
     pool_tokens: int
     seed: int
+    videos: Sequence[str] = ()  # 2-frame clips for the video workloads
 
 
 # ---------------------------------------------------------------------------------------- workloads
@@ -547,6 +561,13 @@ def run_multi_turn(ctx: WorkloadContext) -> dict[str, Any]:
     duration = time.perf_counter() - started
     outcomes = [o for session in per_session for o in session]
     metrics = serving_metrics(outcomes, duration)
+    metrics["per_turn"] = per_turn_metrics(per_session, turns)
+    metrics["errors"] += sizes["num_sessions"] * turns - len(outcomes)
+    return metrics
+
+
+def per_turn_metrics(per_session: Sequence[Sequence[RequestOutcome]], turns: int) -> list[dict[str, Any]]:
+    """Cached share, TTFT and KV slots of each turn over the sessions."""
     by_turn = []
     for turn in range(turns):
         done = [s[turn] for s in per_session if len(s) > turn and s[turn].success]
@@ -559,9 +580,7 @@ def run_multi_turn(ctx: WorkloadContext) -> dict[str, Any]:
         if slots:
             entry["mean_prompt_kv_slots"] = sum(slots) / len(slots)
         by_turn.append(entry)
-    metrics["per_turn"] = by_turn
-    metrics["errors"] += sizes["num_sessions"] * turns - len(outcomes)
-    return metrics
+    return by_turn
 
 
 def run_shared_prefix(ctx: WorkloadContext) -> dict[str, Any]:
@@ -582,11 +601,94 @@ def run_shared_prefix(ctx: WorkloadContext) -> dict[str, Any]:
     return metrics
 
 
+VIDEO_QUESTIONS = ("What happens in the video?", "Which colors dominate?", "Is anything moving?",
+                   "Describe the first frames.", "Describe the last frames.", "Count the shapes you see.",
+                   "Is there any text on screen?", "What changed over time?")
+
+
+def video_body(videos: Sequence[str], suffix: str = "") -> dict[str, Any]:
+    """A Qwen2.5-VL ChatML prompt holding ``videos`` (the stream backend's template) + ``suffix``."""
+    from flashcache_sglang.streaming.sglang_backend import PromptTemplate
+
+    return {"text": PromptTemplate().memory_prompt(len(videos)) + suffix, "video_data": list(videos)}
+
+
+def run_video_shared_prefix(ctx: WorkloadContext) -> dict[str, Any]:
+    """One video prefix cached (and compressed) by a warm-up request, then many question branches."""
+    from flashcache_sglang.streaming.sglang_backend import PromptTemplate
+
+    sizes, bench, template = ctx.sizes, ctx.bench, PromptTemplate()
+    videos = list(ctx.videos[: sizes["videos"]])
+    warmup = bench.generate([], 1, label="warm-up", body=video_body(videos))
+    specs = [RequestSpec([], sizes["output_tokens"], f"branch {i + 1}",
+                         video_body(videos, template.question_suffix([], VIDEO_QUESTIONS[i % len(VIDEO_QUESTIONS)])))
+             for i in range(sizes["num_branches"])]
+    outcomes, duration, not_sent = run_requests(
+        bench.url, specs, max_concurrency=sizes["max_concurrency"], request_rate=math.inf,
+        deadline=ctx.deadline, timeout=bench.request_timeout, seed=ctx.seed)
+    metrics = serving_metrics(outcomes, duration)
+    metrics["warmup_ttft_ms"] = 1000 * warmup.ttft if warmup.success else None
+    metrics["prefix_tokens"] = warmup.prompt_tokens if warmup.success else None
+    _vanilla_slots(metrics, outcomes)
+    metrics["prefix_kv_slots"] = ((warmup.flashcache or {}).get("prompt_kv_slots", warmup.prompt_tokens)
+                                  if warmup.success else None)
+    metrics["errors"] += not_sent + (0 if warmup.success else 1)
+    metrics["not_sent"] = not_sent
+    return metrics
+
+
+def _vanilla_slots(metrics: dict[str, Any], outcomes: Sequence[RequestOutcome]) -> None:
+    """Vanilla SGLang reports no KV slots: a prompt holds one per token."""
+    done = [o for o in outcomes if o.success]
+    if "mean_prompt_kv_slots" not in metrics and done:
+        metrics["mean_prompt_kv_slots"] = sum(o.prompt_tokens for o in done) / len(done)
+
+
+def run_video_multi_turn(ctx: WorkloadContext) -> dict[str, Any]:
+    """Conversations about a video each: every turn resends the video and the turns so far."""
+    from flashcache_sglang.streaming.sglang_backend import PromptTemplate
+    from flashcache_sglang.streaming.types import Turn
+
+    sizes, bench, template = ctx.sizes, ctx.bench, PromptTemplate()
+    count, turns = sizes["videos"], sizes["turns"]
+    if len(ctx.videos) < count * sizes["num_sessions"]:
+        raise ValueError(f"video-multi-turn needs {count * sizes['num_sessions']} clips, got {len(ctx.videos)}")
+    started = time.perf_counter()
+
+    def conversation(session: int) -> list[RequestOutcome]:
+        videos = ctx.videos[session * count: (session + 1) * count]  # distinct videos per session
+        history: list[Turn] = []
+        outcomes = []
+        for turn in range(turns):
+            if time.monotonic() > ctx.deadline:
+                break
+            question = VIDEO_QUESTIONS[(session * turns + turn) % len(VIDEO_QUESTIONS)]
+            body = video_body(videos, template.question_suffix(history, question))
+            outcome = bench.generate([], sizes["output_tokens"], f"session {session + 1} turn {turn + 1}", body)
+            outcomes.append(outcome)
+            if not outcome.success:
+                break
+            answer = ctx.corpus.tokenizer.decode(outcome.output_ids, skip_special_tokens=True)
+            history.append(Turn(question=question, answer=answer, asked_at=time.time(), memory_chunks=0))
+        return outcomes
+
+    with ThreadPoolExecutor(max_workers=sizes["num_sessions"]) as pool:
+        per_session = list(pool.map(conversation, range(sizes["num_sessions"])))
+    outcomes = [o for session in per_session for o in session]
+    metrics = serving_metrics(outcomes, time.perf_counter() - started)
+    _vanilla_slots(metrics, outcomes)
+    metrics["per_turn"] = per_turn_metrics(per_session, turns)
+    metrics["errors"] += sizes["num_sessions"] * turns - sum(len(s) for s in per_session)
+    return metrics
+
+
 WORKLOADS: dict[str, Callable[[WorkloadContext], dict[str, Any]]] = {
     "sessions-held": run_sessions_held,
     "long-prompt": run_long_prompt,
     "multi-turn": run_multi_turn,
     "shared-prefix": run_shared_prefix,
+    "video-shared-prefix": run_video_shared_prefix,
+    "video-multi-turn": run_video_multi_turn,
 }
 
 # Metrics whose FlashCache / vanilla ratio the report lists, per workload.
@@ -599,6 +701,10 @@ RATIO_KEYS = {
                    "median_tpot_ms", "mean_e2e_latency_ms", "duration"),
     "shared-prefix": ("cached_token_share", "prefix_kv_slots", "request_throughput", "output_throughput",
                       "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms", "mean_e2e_latency_ms"),
+    "video-shared-prefix": ("cached_token_share", "prefix_kv_slots", "request_throughput", "output_throughput",
+                            "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms", "mean_e2e_latency_ms"),
+    "video-multi-turn": ("cached_token_share", "mean_prompt_kv_slots", "request_throughput", "median_ttft_ms",
+                         "p99_ttft_ms", "median_tpot_ms", "mean_e2e_latency_ms", "duration"),
 }
 
 
@@ -633,7 +739,7 @@ def machine_info() -> dict[str, Any]:
 def resolve_model(name: str) -> str:
     from flashcache_sglang.testing import models
 
-    builders = {"smollm2": models.smollm2_dir, "tiny-llama": models.tiny_llama_dir}
+    builders = {"smollm2": models.smollm2_dir, "tiny-llama": models.tiny_llama_dir, "tiny-vl": models.tiny_qwen2_5_vl_dir}
     if name in builders:
         return str(builders[name]())
     if not Path(name, "config.json").exists():
@@ -654,8 +760,33 @@ def server_details(url: str) -> dict[str, Any]:
     return details
 
 
+def is_video_run(args) -> bool:
+    return any(name in VIDEO_WORKLOAD_NAMES for name in args.workloads)
+
+
 def server_args(args) -> list[str]:
-    return list(COMMON_SERVER_ARGS) + (list(QUICK_SERVER_ARGS) if args.quick else [])
+    extra = list(COMMON_SERVER_ARGS) + (list(QUICK_SERVER_ARGS) if args.quick else [])
+    if is_video_run(args):
+        mm = {"video": {"fps": VIDEO_FPS, "min_pixels": 28 * 28 * 4, "max_pixels": VIDEO_MAX_PIXELS}}
+        extra += ["--enable-multimodal", "--mm-process-config", json.dumps(mm)]
+    return extra
+
+
+def flashcache_settings(args) -> dict[str, Any]:
+    """FlashCache's settings: text candidates for text runs, visual tokens for video runs."""
+    settings = dict(DEFAULT_FLASHCACHE, retention=args.retention, recent_tokens=args.recent_tokens)
+    if is_video_run(args):
+        settings = {"retention": args.retention, "candidates": "multimodal", "min_candidates": 8}
+    return settings
+
+
+def needed_videos(args, sizes: dict[str, dict]) -> int:
+    counts = [0]
+    if "video-shared-prefix" in args.workloads:
+        counts.append(sizes["video-shared-prefix"]["videos"])
+    if "video-multi-turn" in args.workloads:
+        counts.append(sizes["video-multi-turn"]["videos"] * sizes["video-multi-turn"]["num_sessions"])
+    return max(counts)
 
 
 def run_backend(backend: str, args, model_dir: str, corpus: LicenseCorpus, sizes: dict[str, dict],
@@ -663,7 +794,7 @@ def run_backend(backend: str, args, model_dir: str, corpus: LicenseCorpus, sizes
     """Start one server, run every selected workload on it, stop it."""
     from flashcache_sglang.testing.server import SGLangServer
 
-    settings = dict(DEFAULT_FLASHCACHE, retention=args.retention, recent_tokens=args.recent_tokens)
+    settings = flashcache_settings(args)
     server = SGLangServer(model_dir, flashcache=settings if backend == "flashcache" else None,
                           max_total_tokens=args.max_total_tokens, extra_args=server_args(args),
                           startup_timeout=args.startup_timeout, log_dir=log_dir)
@@ -690,7 +821,7 @@ def run_backend(backend: str, args, model_dir: str, corpus: LicenseCorpus, sizes
             bench.flush()
             load_start = load_average()
             tick = time.monotonic()
-            ctx = WorkloadContext(bench=bench, corpus=corpus, sizes=sizes[name],
+            ctx = WorkloadContext(bench=bench, corpus=corpus, sizes=sizes[name], videos=getattr(args, "videos", ()),
                                   deadline=min(stop_at, tick + args.time_limit), pool_tokens=args.max_total_tokens,
                                   seed=args.seed)
             try:
@@ -722,7 +853,9 @@ def summary_line(name: str, result: dict) -> str:
             "long-prompt": ("max_running_requests", "request_throughput", "median_ttft_ms", "p99_ttft_ms",
                             "median_tpot_ms"),
             "multi-turn": ("cached_token_share", "median_ttft_ms", "median_tpot_ms"),
-            "shared-prefix": ("cached_token_share", "request_throughput", "median_ttft_ms", "median_tpot_ms")}[name]
+            "shared-prefix": ("cached_token_share", "request_throughput", "median_ttft_ms", "median_tpot_ms"),
+            "video-shared-prefix": ("prefix_kv_slots", "cached_token_share", "request_throughput", "median_ttft_ms"),
+            "video-multi-turn": ("mean_prompt_kv_slots", "cached_token_share", "median_ttft_ms")}[name]
     parts = [f"{k}={result[k]:.4g}" if isinstance(result.get(k), float) else f"{k}={result.get(k)}" for k in keys]
     leak = result.get("leak_check", {})
     return ", ".join(parts + [f"errors={result.get('errors')}", f"leaked={leak.get('leaked_kv_slots')}",
@@ -753,7 +886,9 @@ def _sizes(args) -> dict[str, dict]:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workloads", nargs="+", choices=WORKLOAD_NAMES, default=list(WORKLOAD_NAMES))
+    parser.add_argument("--workloads", nargs="+", choices=WORKLOAD_NAMES + VIDEO_WORKLOAD_NAMES,
+                        default=list(WORKLOAD_NAMES),
+                        help="default: the text workloads; the video ones need --model tiny-vl (or a Qwen2.5-VL)")
     parser.add_argument("--quick", action="store_true", help="small sizes (a CI smoke run: < 1 min a workload)")
     parser.add_argument("--model", default="smollm2", help="smollm2 (real weights), tiny-llama, or a HF directory")
     parser.add_argument("--max-total-tokens", type=int, default=None,
@@ -782,6 +917,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: the JSON's, .png)")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
+    if is_video_run(args) and not set(args.workloads) <= set(VIDEO_WORKLOAD_NAMES):
+        parser.error(f"--workloads {args.workloads}: video workloads run without text ones "
+                     "(the servers are started differently)")
+    if is_video_run(args) and args.model == "smollm2":
+        args.model = "tiny-vl"
     if not 0.0 < args.retention <= 1.0:
         parser.error(f"--retention {args.retention} must be in (0, 1]")
     args.max_total_tokens = args.max_total_tokens or (QUICK_POOL_TOKENS if args.quick else FULL_POOL_TOKENS)
@@ -824,10 +964,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     model_dir = resolve_model(args.model)
     corpus = LicenseCorpus(AutoTokenizer.from_pretrained(model_dir))
+    log_dir = Path(os.environ.get("TMPDIR", "/tmp"))
+    if is_video_run(args):
+        import tempfile
+
+        from benchmarks.video_overhead import make_videos
+
+        config = json.loads(Path(model_dir, "config.json").read_text())
+        if "vision_config" not in config:
+            print(f"error: --model {args.model} has no vision_config; the video workloads need a Qwen2.5-VL "
+                  "(--model tiny-vl on CPU)", file=sys.stderr)
+            return 2
+        folder = Path(tempfile.mkdtemp(prefix="flashcache-serving-videos-", dir=log_dir))
+        args.videos = make_videos(folder, needed_videos(args, sizes), VIDEO_FPS, VIDEO_MAX_PIXELS)
     started = time.monotonic()
     stop_at = started + args.total_time_limit
     load_start = load_average()
-    log_dir = Path(os.environ.get("TMPDIR", "/tmp"))
     backends = {backend: run_backend(backend, args, model_dir, corpus, sizes, log_dir, stop_at)
                 for backend in BACKENDS}
 
@@ -851,7 +1003,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "settings": {
             "model": Path(model_dir).name, "dtype": "float32" if cpu_compat.needed() else "model default",
             "max_total_tokens": args.max_total_tokens,
-            "flashcache": dict(DEFAULT_FLASHCACHE, retention=args.retention, recent_tokens=args.recent_tokens),
+            "flashcache": flashcache_settings(args),
             "server_args": server_args(args), "seed": args.seed, "time_limit_s": args.time_limit,
             "total_time_limit_s": args.total_time_limit, "corpus": str(LICENSES_DIR),
             "corpus_tokens": len(corpus.ids),

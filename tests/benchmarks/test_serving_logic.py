@@ -146,7 +146,8 @@ def test_report_renders_every_kind_it_finds_and_names_what_is_missing(tmp_path):
     (tmp_path / "broken.json").write_text("{")
 
     text, used = make_report.build_report(tmp_path)
-    assert used == {"serving": ["serving_cpu.json"], "kernels": ["kernels_fake.json"], "fidelity": []}
+    assert used == {"serving": ["serving_cpu.json"], "soak": [], "video_overhead": [], "kernels": ["kernels_fake.json"],
+                    "fidelity": []}
     assert "vanilla 6, FlashCache 26 (**x4.33**)" in text
     assert "| sessions_held | 6 | 26 | 4.333 |" in text
     assert "Fake GPU" in text and "| 1024 | 1.024 |" in text
@@ -154,3 +155,26 @@ def test_report_renders_every_kind_it_finds_and_names_what_is_missing(tmp_path):
     assert "ignored notes.json" in text and "broken.json (unreadable" in text
     assert (tmp_path / "serving_cpu.png").stat().st_size > 0
     assert (tmp_path / "kernels_fake.png").stat().st_size > 0
+
+
+def test_video_workloads_parse_alone_and_pick_the_vl_model():
+    args = serving.parse_args(["--quick", "--workloads", "video-shared-prefix", "video-multi-turn"])
+    assert args.model == "tiny-vl" and serving.is_video_run(args)
+    assert serving.flashcache_settings(args) == {"retention": 0.2, "candidates": "multimodal", "min_candidates": 8}
+    assert "--enable-multimodal" in serving.server_args(args)
+    sizes = serving._sizes(args)
+    assert serving.needed_videos(args, sizes) == max(sizes["video-shared-prefix"]["videos"],
+                                                     sizes["video-multi-turn"]["videos"] * sizes["video-multi-turn"]["num_sessions"])
+    text = serving.parse_args(["--workloads", "shared-prefix"])
+    assert not serving.is_video_run(text) and serving.flashcache_settings(text)["candidates"] == "text"
+    with pytest.raises(SystemExit):
+        serving.parse_args(["--workloads", "video-shared-prefix", "shared-prefix"])
+
+
+def test_video_body_is_the_stream_backends_prompt():
+    from flashcache_sglang.streaming.sglang_backend import PromptTemplate
+
+    body = serving.video_body(["a.mp4", "b.mp4"], "\nQ?")
+    assert body["video_data"] == ["a.mp4", "b.mp4"]
+    assert body["text"] == PromptTemplate().memory_prompt(2) + "\nQ?"
+    assert body["text"].count("<|video_pad|>") == 2

@@ -71,3 +71,27 @@ def test_quick_long_prompt_reports_metrics_and_no_leaks(tmp_path, smollm2_dir):
     text, used = build_report(tmp_path)
     assert used["serving"] == [output.name]
     assert "max_running_requests" in text and "median_ttft_ms" in text
+
+
+def test_quick_video_workloads_compress_the_shared_video_prefix(tmp_path, tiny_vl_dir):
+    output = tmp_path / "serving_video_quick.json"
+    started = time.monotonic()
+    result = run_cli(["--quick", "--workloads", "video-shared-prefix", "video-multi-turn", "--output", str(output)],
+                     timeout=780)
+    print(f"\nquick video workloads, both servers: {time.monotonic() - started:.0f} s")
+    assert result.returncode == 0, result.stdout[-4000:]
+    report = json.loads(output.read_text())
+    assert report["ok"] and report["errors"] == 0 and report["failed_leak_checks"] == 0
+    assert report["settings"]["flashcache"]["candidates"] == "multimodal"
+    shared = report["workloads"]["video-shared-prefix"]
+    for backend in ("vanilla", "flashcache"):
+        metrics = shared[backend]
+        assert metrics["completed"] == shared["sizes"]["num_branches"] and metrics["errors"] == 0
+        assert metrics["cached_token_share"] > 0.8, metrics  # every branch reuses the video prefix
+        assert metrics["leak_check"]["ok"], metrics["leak_check"]
+    # The video prefix is held compressed: retention 0.2 of its visual tokens.
+    assert shared["flashcache"]["prefix_kv_slots"] < 0.5 * shared["vanilla"]["prefix_kv_slots"]
+    turns = report["workloads"]["video-multi-turn"]
+    assert turns["flashcache"]["mean_prompt_kv_slots"] < turns["vanilla"]["mean_prompt_kv_slots"]
+    later = [t for t in turns["flashcache"]["per_turn"] if t["turn"] > 1]
+    assert later and all(t["cached_token_share"] > 0.5 for t in later), later  # turns reuse the compressed video
