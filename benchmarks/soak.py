@@ -485,8 +485,11 @@ def run_backend(backend: str, settings: SoakSettings, model: str, video: Path, w
             return out
         out["startup_s"] = time.monotonic() - started
         out["load_average_start"] = load_average()
-        run = SoakRun(server, backend, settings, video, workdir / backend, redis_url)
-        out.update(run.run())
+        try:
+            out.update(SoakRun(server, backend, settings, video, workdir / backend, redis_url).run())
+        except Exception as error:  # noqa: BLE001 - recorded; the other backend still runs
+            out["error"] = f"soak run failed: {type(error).__name__}: {error}"[:2000]
+            return out
         out["load_average_end"] = load_average()
         out["leak_check"] = BenchServer(server, backend, settings.request_timeout_s).flush()
         if backend == "flashcache":
