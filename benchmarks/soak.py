@@ -204,10 +204,17 @@ def memory_flatness(samples: Sequence[dict], stream: int, cap: Optional[int]) ->
     return out
 
 
-def ingest_fps_series(samples: Sequence[dict], chunk_frames: int) -> list[dict[str, float]]:
-    """Frames ingested per second per stream between consecutive samples (mean over streams)."""
+def ingest_fps_series(samples: Sequence[dict], chunk_frames: int, window_s: float = 0.0) -> list[dict[str, float]]:
+    """Frames ingested per second per stream (mean over streams) at each sample, over the
+    trailing ``window_s`` seconds (0: since the previous sample). The sample taken after the
+    run's shutdown (``final``) is left out: nothing is ingested then."""
+    live = [s for s in samples if not s.get("final")]
     series = []
-    for before, after in zip(samples, samples[1:]):
+    for index, after in enumerate(live[1:], start=1):
+        start = index - 1
+        while start > 0 and after["t"] - live[start - 1]["t"] <= window_s:
+            start -= 1
+        before = live[start]
         span = after["t"] - before["t"]
         if span <= 0:
             continue
@@ -243,6 +250,9 @@ def summarize(samples: Sequence[dict], questions: Sequence[dict], ingests: Seque
                source_fps_per_stream=settings.fps * settings.pace)
     early, late, half = effective_marks(settings, elapsed_s)
     out["ttft_drift"] = ttft_drift(questions, early, late, half)
+    # Once the horizon is full: the run's last window against the late mark (30 min vs 10 min).
+    end = elapsed_s - half
+    out["ttft_drift_after_late"] = ttft_drift(questions, late, end, half) if end - late >= 2 * half else None
     flatness = [memory_flatness(samples, k, cap) for k in range(settings.streams)]
     out["memory_flatness"] = flatness
     spreads = [f["spread"] for f in flatness if f["spread"] is not None]
@@ -373,7 +383,7 @@ class SoakRun:
             self.manager.shutdown(timeout_s=s.request_timeout_s)
             for client in clients:
                 client.join(s.request_timeout_s)
-            self._sample()
+            self._sample(final=True)
         cap = s.kv_cap if self.backend_name == "flashcache" else None
         summary = summarize(self.samples, self.questions, self.memory.ingests, s, elapsed, cap)
         return {"elapsed_s": elapsed, "summary": summary, "samples": self.samples,
@@ -408,7 +418,7 @@ class SoakRun:
             asked += 1
             next_at = max(next_at + s.question_interval_s, self.elapsed())
 
-    def _sample(self) -> None:
+    def _sample(self, final: bool = False) -> None:
         streams = []
         for stream_id, _ in self.streams:
             progress = self.manager.progress(stream_id)
@@ -430,6 +440,8 @@ class SoakRun:
                 pass
             streams.append(entry)
         sample = {"t": self.elapsed(), "streams": streams, "pool": self._pool(), "load1": load_average()[0]}
+        if final:
+            sample["final"] = True  # taken after the shutdown
         self.samples.append(sample)
 
     def _pool(self) -> dict[str, float]:
@@ -547,6 +559,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace
     parser.add_argument("--output", type=Path, default=None, help="JSON path (default benchmarks/results/soak_*.json)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: the JSON's, .png)")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--reanalyze", type=Path, metavar="JSON",
+                        help="recompute the summaries, targets and plot of a saved run from its raw series")
     args = parser.parse_args(argv)
     overrides = {"streams": args.streams, "pace": args.pace, "fps": args.fps, "chunk_frames": args.chunk_frames,
                  "max_pixels": args.max_pixels, "kv_cap": args.kv_cap, "base_retention": args.base_retention,
@@ -571,6 +585,15 @@ def _exit_on_sigterm(signum, frame) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, settings = parse_args(argv)
+    if args.reanalyze:
+        report = finite(reanalyze(args.reanalyze))
+        args.reanalyze.write_text(json.dumps(report, indent=1, allow_nan=False))
+        if not args.no_plot:
+            from benchmarks.plot_soak import plot_soak
+
+            plot_soak(report, args.reanalyze.with_suffix(".png"))
+        print_summary(report)
+        return 0 if report["ok"] else 1
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     command = "python -m benchmarks.soak " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -614,26 +637,7 @@ def build_report(backends: dict[str, dict], settings: SoakSettings, command: str
                  waited: Optional[dict], elapsed_s: float, args) -> dict[str, Any]:
     from flashcache_sglang import cpu_compat
 
-    errors, failed_checks = 0, []
-    for name, run in backends.items():
-        if "error" in run:
-            failed_checks.append(f"{name}: {run['error'][:200]}")
-            continue
-        errors += run["summary"]["errors"]
-        if not run["leak_check"].get("ok"):
-            failed_checks.append(f"{name}: leak check {run['leak_check']}")
-    targets: dict[str, Any] = {}
-    flash = backends.get("flashcache", {}).get("summary")
-    vanilla = backends.get("vanilla", {}).get("summary")
-    if flash:
-        targets["flashcache_ttft_drift"] = flash["ttft_drift"]["ratio"]
-        targets["flashcache_ttft_drift_met"] = flash["ttft_drift"]["met"]
-        targets["flashcache_worst_memory_spread"] = flash["worst_memory_spread"]
-        targets["flashcache_memory_flat_met"] = all(f["met"] for f in flash["memory_flatness"])
-    if vanilla:
-        targets["vanilla_ttft_drift"] = vanilla["ttft_drift"]["ratio"]
-    if flash and vanilla and flash["final_kv_slots_per_stream"] and vanilla["final_kv_slots_per_stream"]:
-        targets["kv_slots_per_stream_ratio"] = flash["final_kv_slots_per_stream"] / vanilla["final_kv_slots_per_stream"]
+    errors, failed_checks, targets = checks_and_targets(backends)
     model_name = Path(model).name if Path(model).exists() else model
     return {
         "benchmark": "soak",
@@ -652,6 +656,49 @@ def build_report(backends: dict[str, dict], settings: SoakSettings, command: str
         "elapsed_s": elapsed_s,
         "ok": errors == 0 and not failed_checks and set(backends) == set(args.backends),
     }
+
+
+def checks_and_targets(backends: dict[str, dict]) -> tuple[int, list[str], dict[str, Any]]:
+    """Errors, failed checks and the targets, from the backends' summaries."""
+    errors, failed_checks = 0, []
+    for name, run in backends.items():
+        if "error" in run:
+            failed_checks.append(f"{name}: {run['error'][:200]}")
+            continue
+        errors += run["summary"]["errors"]
+        if not run["leak_check"].get("ok"):
+            failed_checks.append(f"{name}: leak check {run['leak_check']}")
+    targets: dict[str, Any] = {}
+    flash = backends.get("flashcache", {}).get("summary")
+    vanilla = backends.get("vanilla", {}).get("summary")
+    for name, summary in (("flashcache", flash), ("vanilla", vanilla)):
+        if summary:
+            targets[f"{name}_ttft_drift"] = summary["ttft_drift"]["ratio"]
+            after = summary.get("ttft_drift_after_late")
+            targets[f"{name}_ttft_drift_after_late"] = after["ratio"] if after else None
+    if flash:
+        targets["flashcache_ttft_drift_met"] = flash["ttft_drift"]["met"]
+        targets["flashcache_worst_memory_spread"] = flash["worst_memory_spread"]
+        targets["flashcache_memory_flat_met"] = all(f["met"] for f in flash["memory_flatness"])
+    if flash and vanilla and flash["final_kv_slots_per_stream"] and vanilla["final_kv_slots_per_stream"]:
+        targets["kv_slots_per_stream_ratio"] = flash["final_kv_slots_per_stream"] / vanilla["final_kv_slots_per_stream"]
+    return errors, failed_checks, targets
+
+
+def reanalyze(path: Path) -> dict[str, Any]:
+    """Recompute every summary and target of a saved run from its raw samples, questions and
+    ingests (the analysis is code; the measurements are not re-taken)."""
+    report = json.loads(Path(path).read_text())
+    fields = {name for name in SoakSettings.__dataclass_fields__}
+    settings = SoakSettings(**{k: v for k, v in report["settings"].items() if k in fields})
+    for name, run in report["backends"].items():
+        if "samples" in run:
+            cap = settings.kv_cap if name == "flashcache" else None
+            run["summary"] = summarize(run["samples"], run["questions"], run["ingests"], settings, run["elapsed_s"], cap)
+    errors, failed_checks, targets = checks_and_targets(report["backends"])
+    report.update(errors=errors, failed_checks=failed_checks, targets=targets,
+                  ok=errors == 0 and not failed_checks, reanalyzed=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    return report
 
 
 def print_summary(report: dict) -> None:

@@ -94,6 +94,10 @@ def test_ingest_fps_series_is_the_mean_over_streams():
                sample(8, stream(chunks=4), stream(chunks=3))]
     series = soak.ingest_fps_series(samples, chunk_frames=4)
     assert series == [{"t": 4, "fps": pytest.approx(1.5)}, {"t": 8, "fps": pytest.approx(2.0)}]
+    # A trailing window smooths over several samples; the post-shutdown sample is left out.
+    final = dict(sample(9, stream(chunks=4), stream(chunks=3)), final=True)
+    smooth = soak.ingest_fps_series(samples + [final], chunk_frames=4, window_s=8)
+    assert smooth[-1] == {"t": 8, "fps": pytest.approx((4 + 3) * 4 / 8 / 2)}
 
 
 def synthetic_run(backend: str, settings: SoakSettings) -> dict:
@@ -142,6 +146,11 @@ def test_summarize_and_report_render(tmp_path):
     assert path.with_suffix(".png").stat().st_size > 0
     block = "\n".join(make_report.readme_block(tmp_path))
     assert "**Soak**" in block and "x0.12" in block
+
+    # The analysis is code: a saved run's summaries are recomputed from its raw series.
+    redone = soak.reanalyze(path)
+    assert redone["backends"]["flashcache"]["summary"]["final_kv_slots_per_stream"] == 70
+    assert redone["targets"] == pytest.approx(report["targets"]) and redone["errors"] == 2 and "reanalyzed" in redone
 
 
 def test_video_overhead_parses_sglang_perf_lines_and_fits_a_slope(tmp_path):
