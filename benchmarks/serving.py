@@ -590,14 +590,23 @@ def run_shared_prefix(ctx: WorkloadContext) -> dict[str, Any]:
     warmup = bench.generate(prefix, 1, label="warm-up")
     specs = [RequestSpec(prefix + ctx.corpus.question(i), sizes["output_tokens"], f"branch {i + 1}")
              for i in range(sizes["num_branches"])]
+    return run_branches(ctx, warmup, specs)
+
+
+def run_branches(ctx: WorkloadContext, warmup: RequestOutcome, specs: Sequence[RequestSpec]) -> dict[str, Any]:
+    """Send the branches of a prefix the warm-up request cached; metrics plus the prefix's KV slots."""
     outcomes, duration, not_sent = run_requests(
-        bench.url, specs, max_concurrency=sizes["max_concurrency"], request_rate=math.inf,
-        deadline=ctx.deadline, timeout=bench.request_timeout, seed=ctx.seed)
+        ctx.bench.url, specs, max_concurrency=ctx.sizes["max_concurrency"], request_rate=math.inf,
+        deadline=ctx.deadline, timeout=ctx.bench.request_timeout, seed=ctx.seed)
     metrics = serving_metrics(outcomes, duration)
     metrics["warmup_ttft_ms"] = 1000 * warmup.ttft if warmup.success else None
-    metrics["prefix_kv_slots"] = (warmup.flashcache or {}).get("prompt_kv_slots", len(prefix)) if warmup.success else None
+    metrics["prefix_tokens"] = warmup.prompt_tokens if warmup.success else None
+    # Vanilla reports no slots: its prefix holds one per token.
+    metrics["prefix_kv_slots"] = ((warmup.flashcache or {}).get("prompt_kv_slots", warmup.prompt_tokens)
+                                  if warmup.success else None)
     metrics["errors"] += not_sent + (0 if warmup.success else 1)
     metrics["not_sent"] = not_sent
+    _vanilla_slots(metrics, outcomes)
     return metrics
 
 
@@ -623,18 +632,7 @@ def run_video_shared_prefix(ctx: WorkloadContext) -> dict[str, Any]:
     specs = [RequestSpec([], sizes["output_tokens"], f"branch {i + 1}",
                          video_body(videos, template.question_suffix([], VIDEO_QUESTIONS[i % len(VIDEO_QUESTIONS)])))
              for i in range(sizes["num_branches"])]
-    outcomes, duration, not_sent = run_requests(
-        bench.url, specs, max_concurrency=sizes["max_concurrency"], request_rate=math.inf,
-        deadline=ctx.deadline, timeout=bench.request_timeout, seed=ctx.seed)
-    metrics = serving_metrics(outcomes, duration)
-    metrics["warmup_ttft_ms"] = 1000 * warmup.ttft if warmup.success else None
-    metrics["prefix_tokens"] = warmup.prompt_tokens if warmup.success else None
-    _vanilla_slots(metrics, outcomes)
-    metrics["prefix_kv_slots"] = ((warmup.flashcache or {}).get("prompt_kv_slots", warmup.prompt_tokens)
-                                  if warmup.success else None)
-    metrics["errors"] += not_sent + (0 if warmup.success else 1)
-    metrics["not_sent"] = not_sent
-    return metrics
+    return run_branches(ctx, warmup, specs)
 
 
 def _vanilla_slots(metrics: dict[str, Any], outcomes: Sequence[RequestOutcome]) -> None:
@@ -1028,17 +1026,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "error" not in backends[b] for b in BACKENDS)
 
     output = args.output or RESULTS_DIR / f"serving_{'quick' if args.quick else 'cpu'}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(finite(report), indent=1, allow_nan=False))
-    print(f"[serving] wrote {output}", file=sys.stderr)
-    if not args.no_plot:
-        from benchmarks.plot_serving import plot_serving
+    from benchmarks.plot_serving import plot_serving
 
-        plot_path = args.plot or output.with_suffix(".png")
-        plot_serving(finite(report), plot_path)
-        print(f"[serving] wrote {plot_path}", file=sys.stderr)
+    write_report(report, output, None if args.no_plot else (args.plot or output.with_suffix(".png")), plot_serving,
+                 "serving")
     print_table(report)
     return 0 if report["ok"] else 1
+
+
+def write_report(report: dict, output: Path, plot_path: Optional[Path], plot: Callable[[dict, Path], Any],
+                 tag: str) -> None:
+    """Write ``report`` as strict JSON, and its figure unless ``plot_path`` is None."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(finite(report), indent=1, allow_nan=False))
+    print(f"[{tag}] wrote {output}", file=sys.stderr)
+    if plot_path is not None:
+        plot(finite(report), plot_path)
+        print(f"[{tag}] wrote {plot_path}", file=sys.stderr)
 
 
 def finite(value):

@@ -57,7 +57,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -72,6 +72,7 @@ from benchmarks.serving import (
     machine_info,
     prometheus_value,
     wait_for_load,
+    write_report,
 )
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -525,29 +526,35 @@ def quick_settings() -> SoakSettings:
                         early_at_s=10.0, late_at_s=35.0, window_s=10.0, request_timeout_s=120.0)
 
 
+# Command-line flags that set one SoakSettings field each: (flag, field, type, help).
+OPTIONS = (
+    ("--streams", "streams", int, "concurrent streams"),
+    ("--pace", "pace", float, "video seconds per wall second (1: live)"),
+    ("--fps", "fps", float, "sampled frames per second"),
+    ("--chunk-frames", "chunk_frames", int, "frames per chunk"),
+    ("--max-pixels", "max_pixels", int, "pixels per frame (the default suits the tiny model)"),
+    ("--kv-cap", "kv_cap", int, "visual KV tokens a FlashCache stream keeps"),
+    ("--base-retention", "base_retention", float, "retention of a chunk of average energy"),
+    ("--max-prompt-chunks", "max_prompt_chunks", int, "horizon: chunks in a stream's prompt, both backends"),
+    ("--question-interval", "question_interval_s", float, "seconds between questions per stream"),
+    ("--turns", "turns", int, "turns per conversation"),
+    ("--answer-tokens", "answer_tokens", int, "tokens per answer"),
+    ("--sample-interval", "sample_interval_s", float, "seconds between samples"),
+    ("--max-total-tokens", "max_total_tokens", int, "KV pool of BOTH servers"),
+    ("--early-at", "early_at_s", float, "early TTFT mark, s"),
+    ("--late-at", "late_at_s", float, "late TTFT mark, s"),
+    ("--window", "window_s", float, "seconds of questions around each mark"),
+)
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace, SoakSettings]:
     base = SoakSettings()
     parser = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the CI version (2 streams, 40 s a backend, pace 2)")
-    parser.add_argument("--streams", type=int, help=f"concurrent streams (default {base.streams})")
+    for flag, name, kind, text in OPTIONS:
+        parser.add_argument(flag, type=kind, dest=name, help=f"{text} (default {getattr(base, name):g})")
     parser.add_argument("--minutes", type=float, help=f"soak length per backend (default {base.duration_s / 60:g})")
-    parser.add_argument("--pace", type=float, help=f"video seconds per wall second (default {base.pace:g}: live)")
-    parser.add_argument("--fps", type=float, help=f"sampled frames per second (default {base.fps:g})")
-    parser.add_argument("--chunk-frames", type=int, help=f"frames per chunk (default {base.chunk_frames})")
-    parser.add_argument("--max-pixels", type=int, help=f"pixels per frame (default {base.max_pixels}: the tiny model)")
-    parser.add_argument("--kv-cap", type=int, help=f"visual KV tokens a FlashCache stream keeps (default {base.kv_cap})")
-    parser.add_argument("--base-retention", type=float, help=f"default {base.base_retention}")
-    parser.add_argument("--max-prompt-chunks", type=int,
-                        help=f"horizon: chunks in a stream's prompt, both backends (default {base.max_prompt_chunks})")
-    parser.add_argument("--question-interval", type=float, help=f"seconds between questions per stream (default {base.question_interval_s:g})")
-    parser.add_argument("--turns", type=int, help=f"turns per conversation (default {base.turns})")
-    parser.add_argument("--answer-tokens", type=int, help=f"tokens per answer (default {base.answer_tokens})")
-    parser.add_argument("--sample-interval", type=float, help=f"seconds between samples (default {base.sample_interval_s:g})")
-    parser.add_argument("--max-total-tokens", type=int, help=f"KV pool of BOTH servers (default {base.max_total_tokens})")
-    parser.add_argument("--early-at", type=float, help=f"early TTFT mark, s (default {base.early_at_s:g})")
-    parser.add_argument("--late-at", type=float, help=f"late TTFT mark, s (default {base.late_at_s:g})")
-    parser.add_argument("--window", type=float, help=f"seconds of questions around each mark (default {base.window_s:g})")
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     parser.add_argument("--model-path", help="a Qwen2.5-VL model (default: the tiny random-weight one)")
     parser.add_argument("--redis-url", default=os.environ.get("FLASHCACHE_REDIS_URL"),
@@ -562,13 +569,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace
     parser.add_argument("--reanalyze", type=Path, metavar="JSON",
                         help="recompute the summaries, targets and plot of a saved run from its raw series")
     args = parser.parse_args(argv)
-    overrides = {"streams": args.streams, "pace": args.pace, "fps": args.fps, "chunk_frames": args.chunk_frames,
-                 "max_pixels": args.max_pixels, "kv_cap": args.kv_cap, "base_retention": args.base_retention,
-                 "max_prompt_chunks": args.max_prompt_chunks, "question_interval_s": args.question_interval,
-                 "turns": args.turns, "answer_tokens": args.answer_tokens,
-                 "sample_interval_s": args.sample_interval, "max_total_tokens": args.max_total_tokens,
-                 "early_at_s": args.early_at, "late_at_s": args.late_at, "window_s": args.window,
-                 "duration_s": None if args.minutes is None else args.minutes * 60}
+    overrides = {name: getattr(args, name) for _, name, _, _ in OPTIONS}
+    overrides["duration_s"] = None if args.minutes is None else args.minutes * 60
     start = quick_settings() if args.quick else base
     try:
         settings = SoakSettings(**{**asdict(start), **{k: v for k, v in overrides.items() if v is not None}})
@@ -586,12 +588,11 @@ def _exit_on_sigterm(signum, frame) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, settings = parse_args(argv)
     if args.reanalyze:
-        report = finite(reanalyze(args.reanalyze))
-        args.reanalyze.write_text(json.dumps(report, indent=1, allow_nan=False))
-        if not args.no_plot:
-            from benchmarks.plot_soak import plot_soak
+        from benchmarks.plot_soak import plot_soak
 
-            plot_soak(report, args.reanalyze.with_suffix(".png"))
+        report = finite(reanalyze(args.reanalyze))
+        write_report(report, args.reanalyze, None if args.no_plot else args.reanalyze.with_suffix(".png"), plot_soak,
+                     "soak")
         print_summary(report)
         return 0 if report["ok"] else 1
     if threading.current_thread() is threading.main_thread():
@@ -620,15 +621,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             shutil.rmtree(workdir / "flashcache" / "chunks", ignore_errors=True)
     report = build_report(backends, settings, command, model, waited, time.monotonic() - started, args)
     output = args.output or RESULTS_DIR / f"soak_{'quick' if args.quick else 'cpu'}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(finite(report), indent=1, allow_nan=False))
-    print(f"[soak] wrote {output} (server logs under {workdir})", file=sys.stderr)
-    if not args.no_plot:
-        from benchmarks.plot_soak import plot_soak
+    from benchmarks.plot_soak import plot_soak
 
-        plot_path = args.plot or output.with_suffix(".png")
-        plot_soak(finite(report), plot_path)
-        print(f"[soak] wrote {plot_path}", file=sys.stderr)
+    write_report(report, output, None if args.no_plot else (args.plot or output.with_suffix(".png")), plot_soak, "soak")
+    print(f"[soak] server logs under {workdir}", file=sys.stderr)
     print_summary(report)
     return 0 if report["ok"] else 1
 

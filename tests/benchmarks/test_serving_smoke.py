@@ -8,16 +8,12 @@ the JSON carries bench_serving's metrics for both, no KV slot leaked, and make_r
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(900)]
 
-ROOT = Path(__file__).resolve().parents[2]
 BENCH_SERVING_METRICS = [
     "completed", "duration", "total_input_tokens", "total_output_tokens",
     "request_throughput", "input_throughput", "output_throughput",
@@ -25,22 +21,10 @@ BENCH_SERVING_METRICS = [
 ]
 
 
-def run_cli(args: list[str], timeout: float) -> subprocess.CompletedProcess:
-    process = subprocess.Popen([sys.executable, "-m", "benchmarks.serving", *args], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.terminate()  # SIGTERM: the CLI stops its server's process group on the way out
-        output, _ = process.communicate(timeout=60)
-        pytest.fail(f"benchmark did not finish in {timeout:.0f} s:\n{output[-4000:]}")
-    return subprocess.CompletedProcess(process.args, process.returncode, output, "")
-
-
-def test_quick_long_prompt_reports_metrics_and_no_leaks(tmp_path, smollm2_dir):
+def test_quick_long_prompt_reports_metrics_and_no_leaks(run_benchmark, tmp_path, smollm2_dir):
     output = tmp_path / "serving_quick.json"
     started = time.monotonic()
-    result = run_cli(["--quick", "--workloads", "long-prompt", "--output", str(output)], timeout=780)
+    result = run_benchmark("serving", ["--quick", "--workloads", "long-prompt", "--output", str(output)], timeout=780)
     print(f"\nquick long-prompt, both servers: {time.monotonic() - started:.0f} s")
     assert result.returncode == 0, result.stdout[-4000:]
 
@@ -73,11 +57,11 @@ def test_quick_long_prompt_reports_metrics_and_no_leaks(tmp_path, smollm2_dir):
     assert "max_running_requests" in text and "median_ttft_ms" in text
 
 
-def test_quick_video_workloads_compress_the_shared_video_prefix(tmp_path, tiny_vl_dir):
+def test_quick_video_workloads_compress_the_shared_video_prefix(run_benchmark, tmp_path, tiny_vl_dir):
     output = tmp_path / "serving_video_quick.json"
     started = time.monotonic()
-    result = run_cli(["--quick", "--workloads", "video-shared-prefix", "video-multi-turn", "--output", str(output)],
-                     timeout=780)
+    result = run_benchmark("serving", ["--quick", "--workloads", "video-shared-prefix", "video-multi-turn",
+                                       "--output", str(output)], timeout=780)
     print(f"\nquick video workloads, both servers: {time.monotonic() - started:.0f} s")
     assert result.returncode == 0, result.stdout[-4000:]
     report = json.loads(output.read_text())

@@ -11,34 +11,18 @@ TTFT ratios are recorded, not asserted (CI machines are shared).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(900)]
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_cli(args: list[str], timeout: float) -> subprocess.CompletedProcess:
-    process = subprocess.Popen([sys.executable, "-m", "benchmarks.soak", *args], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.terminate()  # SIGTERM: the CLI stops its server's process group on the way out
-        output, _ = process.communicate(timeout=60)
-        pytest.fail(f"soak did not finish in {timeout:.0f} s:\n{output[-4000:]}")
-    return subprocess.CompletedProcess(process.args, process.returncode, output, "")
-
-
-def test_quick_soak_holds_flashcache_memory_flat_without_errors_or_leaks(tmp_path, redis_url):
+def test_quick_soak_holds_flashcache_memory_flat_without_errors_or_leaks(run_benchmark, tmp_path, redis_url):
     output = tmp_path / "soak_quick.json"
     started = time.monotonic()
-    result = run_cli(["--quick", "--redis-url", redis_url, "--output", str(output)], timeout=780)
+    result = run_benchmark("soak", ["--quick", "--redis-url", redis_url, "--output", str(output)], timeout=780)
     print(f"\nquick soak, both servers: {time.monotonic() - started:.0f} s")
     assert result.returncode == 0, result.stdout[-4000:]
     assert "[soak] flashcache" in result.stdout  # the live progress line
