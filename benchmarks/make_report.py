@@ -160,6 +160,11 @@ def soak_section(path: Path, report: dict) -> list[str]:
              f"base retention {settings['base_retention']}; a question every {settings['question_interval_s']:g} s "
              f"per stream; metadata store: {settings.get('metadata_store')}",
              f"- {soak_headline(report)}", ""]
+    if "video_per_stream" not in settings:
+        lines += ["> In this run every stream replayed the same video (the tool has given each stream its own "
+                  "since): vanilla SGLang, whose radix tree has no per-stream namespace, held one shared memory "
+                  "for all streams, so its pool and eviction numbers understate what distinct streams cost. "
+                  "Per-stream memory (what each prompt holds) and FlashCache's numbers are unaffected.", ""]
     runs = {name: run.get("summary", {}) for name, run in report["backends"].items()}
     names = list(runs)
     lines += _table(["metric", *names], [[key, *(runs[n].get(key) for n in names)] for key in SOAK_KEYS])
@@ -329,8 +334,11 @@ def readme_block(results: Path) -> list[str]:
                     lines.append(f"- {name} ({where}), FlashCache / vanilla: "
                                  + ", ".join(f"{k} x{v:.2f}" for k, v in shown.items()) + f" (`{path.name}`)")
         elif kind == "soak":
+            shared = "" if "video_per_stream" in data["settings"] else (
+                "; every stream replayed the same video, so vanilla's streams shared one cached memory: its pool "
+                "numbers understate distinct streams (see REPORT.md)")
             lines.append(f"- **Soak** ({_where(data.get('machine', {}))}, {data['settings']['model']}"
-                         f"{', quick' if data.get('quick') else ''}): {soak_headline(data)} (`{path.name}`)")
+                         f"{', quick' if data.get('quick') else ''}): {soak_headline(data)}{shared} (`{path.name}`)")
         elif kind == "video_overhead":
             lines.append(f"- Video overhead ({_where(data.get('machine', {}))}, {data['settings']['model']}): "
                          f"{video_overhead_line(data)} (`{path.name}`)")

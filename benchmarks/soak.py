@@ -273,13 +273,16 @@ def summarize(samples: Sequence[dict], questions: Sequence[dict], ingests: Seque
 
 
 # ---------------------------------------------------------------------------------------- video
-def generate_video(path: Path, seconds: float, fps: float, size: str = "224x168") -> Path:
+def generate_video(path: Path, seconds: float, fps: float, size: str = "224x168", seed: int = 0) -> Path:
     """A test video at the sampling rate whose every frame differs (moving pattern, running
     counter, noise, a slow hue rotation), so no two chunks hash alike and the vision encoder
-    never gets a free cache hit."""
+    never gets a free cache hit. Different ``seed`` values give different noise and hues: each
+    stream of a soak gets its own video, or vanilla SGLang's radix tree (which has no per-stream
+    namespace) would hold one shared memory for all of them."""
     if shutil.which("ffmpeg") is None:
         raise SystemExit("ffmpeg is not installed: run bash scripts/setup.sh (or apt-get install ffmpeg)")
-    source = f"testsrc2=size={size}:rate={fps:g}:duration={seconds:.1f},noise=alls=12:allf=t+u,hue=h=t*3"
+    source = (f"testsrc2=size={size}:rate={fps:g}:duration={seconds:.1f},noise=alls=12:allf=t+u:all_seed={seed + 1},"
+              f"hue=h=t*3+{(seed * 47) % 360}")
     subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", source,
                     "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", str(path)],
                    check=True, timeout=max(120.0, seconds))
@@ -319,7 +322,7 @@ class TimedBackend:
 class SoakRun:
     """N streams, their question clients and the sampler, against one started server."""
 
-    def __init__(self, server, backend_name: str, settings: SoakSettings, video: Path, workdir: Path,
+    def __init__(self, server, backend_name: str, settings: SoakSettings, videos: Sequence[Path], workdir: Path,
                  redis_url: Optional[str], progress: bool = True):
         from flashcache_sglang.streaming.sglang_backend import SGLangMemoryBackend
         from flashcache_sglang.streaming.service import StreamManager
@@ -328,7 +331,9 @@ class SoakRun:
         self.server = server
         self.backend_name = backend_name
         self.settings = settings
-        self.video = video
+        if len(videos) < settings.streams:
+            raise ValueError(f"{settings.streams} streams need as many videos, got {len(videos)}")
+        self.videos = list(videos)
         self.progress = progress
         self.origin = time.perf_counter()
         memory = SGLangMemoryBackend(server.url, str(workdir / "chunks"), fps=settings.fps, video_transport="path",
@@ -367,7 +372,7 @@ class SoakRun:
                 # Staggered so the streams' chunks do not all arrive at the same instant.
                 if index:
                     time.sleep(s.chunk_period_s / s.streams)
-                self.streams.append(self.manager.start_stream(str(self.video), self.config()))
+                self.streams.append(self.manager.start_stream(str(self.videos[index]), self.config()))
                 client = threading.Thread(target=self._ask_loop, args=(index,), name=f"soak-ask-{index}", daemon=True)
                 client.start()
                 clients.append(client)
@@ -479,7 +484,7 @@ def flashcache_settings(settings: SoakSettings) -> dict[str, Any]:
 _ACTIVE_SERVERS: list = []
 
 
-def run_backend(backend: str, settings: SoakSettings, model: str, video: Path, workdir: Path,
+def run_backend(backend: str, settings: SoakSettings, model: str, videos: Sequence[Path], workdir: Path,
                 redis_url: Optional[str], startup_timeout: float) -> dict[str, Any]:
     from flashcache_sglang.testing.server import SGLangServer
 
@@ -499,7 +504,7 @@ def run_backend(backend: str, settings: SoakSettings, model: str, video: Path, w
         out["startup_s"] = time.monotonic() - started
         out["load_average_start"] = load_average()
         try:
-            out.update(SoakRun(server, backend, settings, video, workdir / backend, redis_url).run())
+            out.update(SoakRun(server, backend, settings, videos, workdir / backend, redis_url).run())
         except Exception as error:  # noqa: BLE001 - recorded; the other backend still runs
             out["error"] = f"soak run failed: {type(error).__name__}: {error}"[:2000]
             return out
@@ -607,12 +612,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model = str(tiny_qwen2_5_vl_dir())
     workdir = Path(tempfile.mkdtemp(prefix="flashcache-soak-"))
     started = time.monotonic()
-    print(f"[soak] generating {settings.video_seconds:.0f} s of test video", file=sys.stderr, flush=True)
-    video = generate_video(workdir / "stream.mp4", settings.video_seconds, settings.fps)
+    print(f"[soak] generating {settings.streams} x {settings.video_seconds:.0f} s of test video", file=sys.stderr, flush=True)
+    videos = [generate_video(workdir / f"stream_{k}.mp4", settings.video_seconds, settings.fps, seed=k)
+              for k in range(settings.streams)]
     backends = {}
     try:
         for backend in args.backends:
-            backends[backend] = run_backend(backend, settings, model, video, workdir, args.redis_url,
+            backends[backend] = run_backend(backend, settings, model, videos, workdir, args.redis_url,
                                             args.startup_timeout)
     finally:
         keep = os.environ.get("FLASHCACHE_SOAK_KEEP")
@@ -644,7 +650,8 @@ def build_report(backends: dict[str, dict], settings: SoakSettings, command: str
         "settings": {**asdict(settings), "model": model_name,
                      "dtype": "float32" if cpu_compat.needed() else "model default",
                      "flashcache": flashcache_settings(settings), "server_args": server_flags(settings),
-                     "metadata_store": "redis" if args.redis_url else "in-process"},
+                     "metadata_store": "redis" if args.redis_url else "in-process",
+                     "video_per_stream": "distinct (one generated video per stream)"},
         "backends": backends,
         "targets": targets,
         "errors": errors,

@@ -12,8 +12,9 @@ The memory of a stream is a prompt prefix::
   memory fits the cap (the first chunk is spared with ``keep_sink``), in place in the tree.
 - **Asking** sends ``prefix + earlier turns + question``: the prefix is matched in the radix
   cache, only the question is computed, and nothing after the prefix is ever part of the
-  memory (each question is a branch of the tree). Questions never send the cap, so a question
-  cannot shrink the memory it reads.
+  memory (each question is a branch of the tree). Questions carry the stream's cap too: when
+  the server had evicted the memory, the question that recomputes it holds it to the cap as an
+  ingest would (an in-place shrink only ever touches nodes the requester alone holds).
 
 Every request of a stream carries ``custom_params["flashcache"]["namespace"] =
 "stream/<stream_id>"``: chunks compressed at different retentions still form one reusable
@@ -327,14 +328,18 @@ class SGLangMemoryBackend:
         with state.state_lock:  # snapshot only: the request runs beside ingest
             videos = [p for c in state.prompt_chunks for p in c.paths]
             chunks_seen = state.chunks_seen
-            retention = state.settings.base_retention
+            settings = state.settings
+            retention = settings.base_retention
+            sink_items = len(state.prompt_chunks[0].paths) if state.prompt_chunks else 0
         if not videos:
             return Answer("The stream has no video in memory yet.", 0.0, 0, 0, self.name)
         prompt = self.template.memory_prompt(len(videos)) + self.template.question_suffix(history, question)
-        # Same namespace as the ingests (so the memory prefix matches); no cap (a question must
-        # not shrink the memory it reads); the base retention only matters if the server had
-        # evicted part of the memory and recomputes it.
-        knob = {"namespace": stream_namespace(stream_id), "retention": retention}
+        # Same namespace as the ingests (so the memory prefix matches). The base retention and the
+        # cap only matter if the server had evicted the memory and this question recomputes it:
+        # it is then held to the stream's cap, as the next ingest would hold it.
+        knob = {"namespace": stream_namespace(stream_id), "retention": retention,
+                "memory_cap_tokens": settings.kv_cap_tokens, "keep_sink": settings.keep_sink,
+                "sink_items": sink_items}
         started = time.perf_counter()
         text, meta, ttft = self._generate_streaming(
             prompt,

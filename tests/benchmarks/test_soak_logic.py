@@ -183,3 +183,13 @@ def test_a_stream_that_failed_mid_run_counts_as_an_error():
                sample(10, stream(chunks=5, kv=10), stream(chunks=2, kv=10, status="stopped"))]
     summary = soak.summarize(samples, [], [], settings, 10.0, None)
     assert summary["failed_streams"] == [1] and summary["errors"] == 1
+
+
+def test_each_stream_gets_its_own_video(tmp_path):
+    import decord
+
+    first = soak.generate_video(tmp_path / "a.mp4", 2.0, 2.0, seed=0)
+    second = soak.generate_video(tmp_path / "b.mp4", 2.0, 2.0, seed=1)
+    frames = [decord.VideoReader(str(path)).get_batch([0, 1]).asnumpy() for path in (first, second)]
+    assert frames[0].shape == frames[1].shape == (2, 168, 224, 3)
+    assert (frames[0] != frames[1]).mean() > 0.5  # different noise and hue: no shared radix-tree prefix

@@ -186,7 +186,10 @@ def test_questions_branch_off_the_memory(fake_server, videos, tmp_path):
     assert ask["text"].startswith(memory_prompt) and ask["text"].endswith("What moves?<|im_end|>\n<|im_start|>assistant\n")
     knob = ask["sampling_params"]["custom_params"]["flashcache"]
     assert ask["stream"] is True and knob["namespace"] == f"stream/{stream_id}"
-    assert "memory_cap_tokens" not in knob, "a question must never shrink the memory"
+    # A question that has to recompute an evicted memory holds it to the stream's cap, as an ingest would.
+    ingest_knob = fake_server.requests[-2]["sampling_params"]["custom_params"]["flashcache"]
+    assert knob["memory_cap_tokens"] == CAP and knob["keep_sink"] is True
+    assert knob["sink_items"] == ingest_knob["sink_items"]
     manager.ask(stream_id, token, "Which colour?", conversation_id="alice")
     second = fake_server.requests[-1]["text"]
     assert "What moves?" in second and "A ball moves." in second and second.startswith(memory_prompt)
