@@ -48,7 +48,9 @@ def plot_soak(report: dict[str, Any], path: Path) -> Path:
         if pooled:
             memory.plot(*zip(*pooled), color=color, lw=1, ls="--", alpha=0.8,
                         label=f"{label}: pool slots cached (all streams, incl. evictable)")
-        series = ingest_fps_series(samples, settings["chunk_frames"], window_s=settings["window_s"])
+        # Samples of the run itself (older JSON has no "final" mark on the post-shutdown one).
+        during = [s for s in samples if s["t"] < settings["duration_s"]]
+        series = ingest_fps_series(during, settings["chunk_frames"], window_s=settings["window_s"])
         if series:
             fps_axis.plot([p["t"] / 60 for p in series], [p["fps"] for p in series], color=color, lw=1.5, label=label)
         answered = [(q["t"], q["ttft_s"] * 1e3) for q in run["questions"] if not q.get("error") and q.get("ttft_s")]
@@ -59,11 +61,12 @@ def plot_soak(report: dict[str, Any], path: Path) -> Path:
                            label=f"{label} (rolling median, {settings['window_s']:g} s)")
     memory.axhline(settings["max_total_tokens"], color="black", lw=0.8, ls=":", label="KV pool (both servers)")
     memory.set_ylabel("KV slots")
-    memory.legend(fontsize=8, loc="center right")
+    memory.legend(fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 0.12))
     memory.set_title("KV memory over time")
     source_fps = settings["fps"] * settings["pace"]
     fps_axis.axhline(source_fps, color="black", lw=0.8, ls=":", label=f"source: {source_fps:g} frames/s per stream")
     fps_axis.set_ylabel("frames ingested / s / stream")
+    fps_axis.set_ylim(0, source_fps * 1.3)
     fps_axis.legend(fontsize=8, loc="lower left")
     fps_axis.set_title(f"Ingest rate over the last {settings['window_s']:g} s (frames beyond it are dropped, oldest first)")
     ttft_axis.set_ylabel("question TTFT (ms)")
