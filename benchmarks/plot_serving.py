@@ -85,14 +85,11 @@ def plot_serving(report: dict, path: str | Path) -> Path:
         panels.append(lambda ax: _latency(ax, "long-prompt", w, f" (max #running-req {running})"))
     if "multi-turn" in workloads:
         panels.append(lambda ax: _multi_turn(ax, workloads["multi-turn"]))
-    if "shared-prefix" in workloads:
-        w2 = workloads["shared-prefix"]
-        slots = "/".join(str(w2[b].get("prefix_kv_slots")) for b in ("vanilla", "flashcache"))
-        panels.append(lambda ax: _latency(ax, "shared-prefix", w2, f" (prefix KV slots {slots})"))
-    if "video-shared-prefix" in workloads:
-        w3 = workloads["video-shared-prefix"]
-        slots3 = "/".join(str(w3[b].get("prefix_kv_slots")) for b in ("vanilla", "flashcache"))
-        panels.append(lambda ax: _latency(ax, "video-shared-prefix", w3, f" (prefix KV slots {slots3})"))
+    for name in ("shared-prefix", "video-shared-prefix"):
+        if name in workloads:
+            shared = workloads[name]
+            slots = "/".join(str(shared[b].get("prefix_kv_slots")) for b in ("vanilla", "flashcache"))
+            panels.append(lambda ax, n=name, w=shared, s=slots: _latency(ax, n, w, f" (prefix KV slots {s})"))
     if "video-multi-turn" in workloads:
         panels.append(lambda ax: _multi_turn(ax, workloads["video-multi-turn"], "video-multi-turn"))
     count = max(1, len(panels))
