@@ -29,6 +29,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import torch
+
 from sglang.srt.layers.attention import attention_registry
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache import registry as radix_registry
@@ -41,7 +43,8 @@ DUMP_DIR_ENV = "FLASHCACHE_DUMP_DIR"
 
 __all__ = [
     "AttentionBackend", "EvictParams", "EvictResult", "MatchPrefixParams", "RadixCache", "RadixKey", "TreeNode",
-    "check_upstream", "filter_sentinel_frees", "register_radix_backend", "wrap_attention_backends",
+    "check_upstream", "filter_sentinel_frees", "register_radix_backend", "rotary_spec_of",
+    "wrap_attention_backends",
 ]
 
 
@@ -111,6 +114,27 @@ def check_upstream() -> list[str]:
 
     if "offsets" not in getattr(MultimodalDataItem, "__struct_fields__", ()):
         problems.append("MultimodalDataItem has no 'offsets'")
+    problems += _check_rotary_classes()
+    return problems
+
+
+def _check_rotary_classes() -> list[str]:
+    import importlib
+
+    problems = []
+    for dotted in _TABLE_ROTARY_CLASSES:
+        module_name, class_name = dotted.rsplit(".", 1)
+        cls = getattr(importlib.import_module(module_name), class_name, None)
+        if cls is None:
+            problems.append(f"{dotted} is gone (rotary spec)")
+            continue
+        source = inspect.getsource(cls.forward_native) if hasattr(cls, "forward_native") else ""
+        if "cos_sin_cache" not in source:
+            problems.append(f"{dotted}.forward_native no longer reads cos_sin_cache (rotary spec)")
+    from sglang.srt.layers.rotary_embedding.mrope import MRotaryEmbedding
+
+    if not callable(getattr(MRotaryEmbedding, "_build_axis_map", None)):
+        problems.append("MRotaryEmbedding._build_axis_map is gone (M-RoPE axis of each channel pair)")
     return problems
 
 
@@ -288,3 +312,57 @@ def dump_kept_positions(req, positions, dropped) -> None:
         "dropped_positions": dropped.tolist(),
         "prompt_len": len(req.origin_input_ids),
     }))
+
+
+# ------------------------------------------------------------------ rotary embedding
+# SGLang rotary classes whose rotation is exactly ``cos_sin_cache[position]`` applied to channel
+# pairs (forward_native indexes the table; scaling variants only change how it was filled). Others
+# (Phi-3 LongRoPE, dual-chunk, Fourier, Bailing's 2-D variant, ...) rotate differently: scoring and
+# re-basing refuse them instead of mis-rotating keys.
+_TABLE_ROTARY_CLASSES = (
+    "sglang.srt.layers.rotary_embedding.base.RotaryEmbedding",
+    "sglang.srt.layers.rotary_embedding.base.LinearScalingRotaryEmbedding",
+    "sglang.srt.layers.rotary_embedding.rope_variant.Llama3RotaryEmbedding",
+    "sglang.srt.layers.rotary_embedding.rope_variant.DynamicNTKScalingRotaryEmbedding",
+    "sglang.srt.layers.rotary_embedding.rope_variant.DynamicNTKAlphaRotaryEmbedding",
+    "sglang.srt.layers.rotary_embedding.yarn.YaRNScalingRotaryEmbedding",
+    "sglang.srt.layers.rotary_embedding.mrope.MRotaryEmbedding",
+    "sglang.srt.layers.rotary_embedding.mrope.YaRNScalingMRotaryEmbedding",
+)
+
+
+class UnsupportedRotaryError(ValueError):
+    """The model's rotary embedding is not a per-position rotation by a cos/sin table."""
+
+
+def rotary_spec_of(rotary_emb):
+    """The :class:`~flashcache_sglang.kernels.rotary.RotarySpec` of an SGLang rotary module.
+
+    Reads ``cos_sin_cache`` (``[max_positions, rotary_dim]``, cos | sin), ``head_size``,
+    ``is_neox_style`` and, for M-RoPE, ``axis_map`` (the axis of each channel pair). The table
+    is referenced, not copied, so build the spec again after SGLang grows it.
+    """
+    from .kernels.rotary import RotarySpec
+
+    name = f"{type(rotary_emb).__module__}.{type(rotary_emb).__qualname__}"
+    if name not in _TABLE_ROTARY_CLASSES:
+        raise UnsupportedRotaryError(
+            f"rotary embedding {name} is not supported (supported: "
+            + ", ".join(c.rsplit(".", 1)[1] for c in _TABLE_ROTARY_CLASSES) + ")")
+    cache = rotary_emb.cos_sin_cache
+    if cache.dtype != torch.float32:
+        cache = cache.float()
+    axes = getattr(rotary_emb, "axis_map", None)
+    return RotarySpec(cache, int(rotary_emb.head_size), bool(rotary_emb.is_neox_style),
+                      None if axes is None else axes.to(torch.int64))
+
+
+def find_rotary_embedding(model):
+    """The first rotary embedding module of ``model`` (all layers share one table in SGLang's
+    dense models), or None."""
+    from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding
+
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding) or type(module).__name__.endswith("RotaryEmbedding"):
+            return module
+    return None

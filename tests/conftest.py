@@ -16,6 +16,14 @@ import torch
 # with TRITON_INTERPRET=1, then restore the variable so SGLang servers started by tests do not
 # inherit it (tests/kernels/conftest.py sets it again around each kernel test).
 if not torch.cuda.is_available():
+    # The test process imports SGLang modules directly (pools, rotary embeddings, the scheduler's
+    # classes): give it what every SGLang process gets on CPU (cpu_compat), as the launcher does.
+    from flashcache_sglang import cpu_compat
+
+    for _key, _value in cpu_compat.CPU_ENV.items():
+        os.environ.setdefault(_key, _value)
+    cpu_compat.activate()
+
     _previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     import flashcache_sglang.kernels  # noqa: F401

@@ -1,0 +1,106 @@
+"""RotarySpec and the reference rotation against SGLang's own rotary embeddings (CPU).
+
+SGLang applies RoPE before caching keys; the reference must rotate exactly as the model's module
+does (plain, Llama-3 scaled, YaRN, M-RoPE with its axis map), and invert it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashcache_sglang.kernels.rotary import RotarySpec, apply_rotary_reference, rerotate_slots_reference
+
+HEAD_DIM = 16
+
+
+def _sglang_rope(kind: str):
+    from sglang.srt.layers.rotary_embedding.factory import get_rope
+
+    scaling = {
+        "default": None,
+        "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 64},
+        "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+        "mrope": {"rope_type": "default", "mrope_section": [2, 3, 3]},
+    }[kind]
+    return get_rope(HEAD_DIM, HEAD_DIM, 512, 10000, True, scaling, torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["default", "llama3", "yarn", "mrope"])
+def test_reference_equals_sglang_forward_native(kind):
+    from flashcache_sglang import upstream
+
+    rope = _sglang_rope(kind)
+    spec = upstream.rotary_spec_of(rope)
+    generator = torch.Generator().manual_seed(0)
+    num_tokens, num_heads = 37, 3
+    keys = torch.randn(num_tokens, num_heads, HEAD_DIM, generator=generator)
+    if kind == "mrope":
+        positions = torch.randint(0, spec.max_positions, (3, num_tokens), generator=generator)
+        assert spec.is_multimodal and spec.axis_of_pair.tolist() == [0, 0, 1, 1, 1, 2, 2, 2]
+    else:
+        positions = torch.randint(0, spec.max_positions, (num_tokens,), generator=generator)
+    query = torch.zeros(num_tokens, num_heads * HEAD_DIM)
+    _, expected = rope.forward_native(positions, query, keys.reshape(num_tokens, -1).clone())
+    got = apply_rotary_reference(keys, positions, spec)
+    torch.testing.assert_close(got, expected.reshape(num_tokens, num_heads, HEAD_DIM), rtol=1e-5, atol=1e-5)
+    back = apply_rotary_reference(got, positions, spec, inverse=True)
+    torch.testing.assert_close(back, keys, rtol=1e-4, atol=1e-4)
+
+
+def test_gptj_style_and_partial_rotary():
+    spec = RotarySpec.default_rope(HEAD_DIM, 10000.0, 128, rotary_dim=8)
+    spec = RotarySpec(spec.cos_sin_cache, HEAD_DIM, is_neox_style=False)
+    keys = torch.randn(9, 2, HEAD_DIM)
+    positions = torch.arange(9) * 7
+    rotated = apply_rotary_reference(keys, positions, spec)
+    torch.testing.assert_close(rotated[..., 8:], keys[..., 8:])  # pass-through channels
+    # GPT-J pairs (0, 1): a rotation by angle p * inv_freq[0] = p.
+    angle = positions.float()
+    expected0 = keys[..., 0] * angle.cos()[:, None] - keys[..., 1] * angle.sin()[:, None]
+    torch.testing.assert_close(rotated[..., 0], expected0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(apply_rotary_reference(rotated, positions, spec, inverse=True), keys,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_rerotate_slots_moves_keys_in_place_and_only_those():
+    spec = RotarySpec.default_rope(HEAD_DIM, 10000.0, 256, mrope_section=[2, 3, 3])
+    generator = torch.Generator().manual_seed(1)
+    pre_rope = torch.randn(20, 2, HEAD_DIM, generator=generator)
+    old = torch.randint(0, 100, (3, 20), generator=generator)
+    new = old - 40
+    new[new < 0] = 0
+    buffers = [torch.zeros(32, 2, HEAD_DIM, dtype=dtype) for dtype in (torch.float32, torch.bfloat16)]
+    slots = torch.randperm(31, generator=generator)[:20] + 1
+    for buffer in buffers:
+        buffer[slots] = apply_rotary_reference(pre_rope, old, spec).to(buffer.dtype)
+    untouched = [b.clone() for b in buffers]
+    rerotate_slots_reference(buffers, slots, old, new, spec)
+    for buffer, before, tol in zip(buffers, untouched, (1e-5, 4e-2)):
+        torch.testing.assert_close(buffer[slots].float(), apply_rotary_reference(pre_rope, new, spec),
+                                   rtol=tol, atol=tol)
+        others = torch.ones(32, dtype=torch.bool)
+        others[slots] = False
+        assert torch.equal(buffer[others], before[others])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(positions=torch.tensor([0, 999])), r"\[0, 256\)"),
+    (dict(positions=torch.zeros(3, 2, dtype=torch.int64)), "M-RoPE spec"),
+    (dict(positions=torch.zeros(3)), "int32/int64"),
+])
+def test_bad_positions_are_named(bad, message):
+    spec = RotarySpec.default_rope(HEAD_DIM, 10000.0, 256)
+    with pytest.raises(ValueError, match=message):
+        apply_rotary_reference(torch.zeros(2, 1, HEAD_DIM), bad["positions"], spec)
+
+
+def test_unsupported_rotary_module_is_refused():
+    from flashcache_sglang import upstream
+
+    class OddRotaryEmbedding(torch.nn.Module):
+        pass
+
+    with pytest.raises(upstream.UnsupportedRotaryError, match="OddRotaryEmbedding is not supported"):
+        upstream.rotary_spec_of(OddRotaryEmbedding())
