@@ -15,7 +15,7 @@ from .config import FlashCacheConfig
 logger = logging.getLogger(__name__)
 
 RADIX_BACKEND_NAME = "flashcache"
-WRAPPED_ATTENTION_BACKENDS = ("torch_native", "triton", "flashinfer")
+WRAPPED_ATTENTION_BACKENDS = ("torch_native", "triton", "flashinfer", "fa3")
 
 
 def make_radix_cache(ctx):
@@ -59,6 +59,16 @@ def make_radix_cache(ctx):
     return cache
 
 
+def _note_forward_rows(forward_batch, schedule_batch, model_runner) -> None:
+    """Keep a decode batch's host rows for the kept-KV table (its ForwardBatch drops them)."""
+    from . import upstream
+    from .kept_table import KeptKVTable
+
+    if upstream.is_decode_batch(forward_batch):
+        table = KeptKVTable.for_pool(upstream.model_runner_req_to_token_pool(model_runner))
+        table.note_rows(upstream.batch_out_cache_loc(forward_batch), upstream.batch_rows_cpu(schedule_batch))
+
+
 def load() -> None:
     from . import upstream
 
@@ -69,4 +79,5 @@ def load() -> None:
     from .attention import PhysicalKVAttention
 
     upstream.wrap_attention_backends(PhysicalKVAttention, WRAPPED_ATTENTION_BACKENDS)
+    upstream.install_forward_batch_hook(_note_forward_rows)
     upstream.install_admission_hook()
