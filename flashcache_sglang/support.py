@@ -72,11 +72,14 @@ class Refusal:
             return None
         return "--" + self.setting.replace("_", "-")
 
-    def describe(self, value: Any) -> str:
+    def describe(self, value: Any, *, keyword: bool = False) -> str:
+        """How the user spelled it: a flag, or an Engine keyword when ``keyword``."""
         if self.setting.startswith("env:"):
             return f"{self.setting[4:]}={value}"
         if self.setting.startswith("model:"):
             return f"this model ({self.setting[6:]})"
+        if keyword:
+            return f"{self.setting}={value!r}"
         if self.switch:
             return self.flag
         return f"{self.flag} {value}"
@@ -135,11 +138,12 @@ REFUSALS: tuple[Refusal, ...] = (
 )
 
 
-def refusal_reasons(settings: Mapping[str, Any]) -> list[str]:
+def refusal_reasons(settings: Mapping[str, Any], *, keywords: bool = False) -> list[str]:
     """One message per refused setting in ``settings`` (absent keys are not checked).
 
     Args:
         settings: setting name (as in :data:`REFUSALS`) -> value.
+        keywords: name settings as Engine keywords rather than command-line flags.
     """
     reasons = []
     for refusal in REFUSALS:
@@ -147,7 +151,7 @@ def refusal_reasons(settings: Mapping[str, Any]) -> list[str]:
             continue
         value = settings[refusal.setting]
         if refusal.refused(value):
-            reasons.append(f"{refusal.describe(value)}: {refusal.reason}")
+            reasons.append(f"{refusal.describe(value, keyword=keywords)}: {refusal.reason}")
     return reasons
 
 
@@ -158,16 +162,16 @@ def config_problems(config) -> list[str]:
     problems = []
     servable = engine_policies()
     if config.policy not in available_policies():
-        problems.append(f"--flashcache-policy {config.policy!r} is not a policy; valid: {', '.join(servable)}")
+        problems.append(f"flashcache policy {config.policy!r} is unknown; valid: {', '.join(servable)}")
     elif config.policy not in servable:
-        problems.append(f"--flashcache-policy {config.policy!r} needs attention queries, which the engine does "
+        problems.append(f"flashcache policy {config.policy!r} needs attention queries, which the engine does "
                         f"not keep (it runs in flashcache_sglang.reference only); valid: {', '.join(servable)}")
     return problems
 
 
-def check(settings: Mapping[str, Any], config=None) -> None:
+def check(settings: Mapping[str, Any], config=None, *, keywords: bool = False) -> None:
     """Raise :class:`UnsupportedSetting` listing every refused setting (and config problem)."""
-    problems = (config_problems(config) if config is not None else []) + refusal_reasons(settings)
+    problems = (config_problems(config) if config is not None else []) + refusal_reasons(settings, keywords=keywords)
     if problems:
         raise UnsupportedSetting("flashcache cannot serve this configuration: " + "; ".join(problems))
 
