@@ -82,7 +82,8 @@ class KeptKVTable:
         # Physical seq_lens handed to the backends in decode: one buffer for the table's life,
         # so a CUDA graph captured over a slice of it reads the refreshed values on replay.
         self._lens_buffer: Optional[torch.Tensor] = None
-        self._noted_rows: tuple[Optional[torch.Tensor], Optional[list[int]]] = (None, None)
+        # (out_cache_loc, host rows) of the last few forward batches built (see note_rows).
+        self._noted_rows: list[tuple[torch.Tensor, list[int]]] = []
         self.debug = os.environ.get("FLASHCACHE_DEBUG") == "1"
 
     @classmethod
@@ -249,13 +250,18 @@ class KeptKVTable:
         """Remember the host rows of the forward batch that writes ``out_cache_loc``.
 
         A CUDA-graph replay hands the backends a view without host rows; the batch's
-        ``out_cache_loc`` tensor is the same object, so :meth:`rows_for` finds them again.
+        ``out_cache_loc`` tensor is the same object, so :meth:`rows_for` finds them again. A few
+        are kept, in case a batch is built before the previous one's metadata is prepared.
         """
-        self._noted_rows = (out_cache_loc, None if rows_cpu is None else rows_cpu.tolist())
+        if out_cache_loc is None or rows_cpu is None:
+            return
+        self._noted_rows = [(out_cache_loc, rows_cpu.tolist())] + self._noted_rows[:3]
 
     def rows_for(self, out_cache_loc: Optional[torch.Tensor]) -> Optional[list[int]]:
-        noted, rows = self._noted_rows
-        return rows if noted is not None and noted is out_cache_loc else None
+        for noted, rows in self._noted_rows:
+            if noted is out_cache_loc:
+                return rows
+        return None
 
     def physical_lens_host(self, seq_lens_cpu: torch.Tensor, rows: Sequence[int]) -> tuple[torch.Tensor, int]:
         """Physical host lengths of a decode batch whose first ``len(rows)`` lanes are real requests

@@ -217,7 +217,7 @@ def test_decode_without_host_rows_reads_them_back_once_noted():
     fill_rows(pool.req_to_token, [20], [2], generator)
     wrapper.physical_batch(extend_batch([2], [0], [19], pool.req_to_token))
     batch = decode_batch([2], [20], pool.req_to_token, pool)
-    wrapper.table.note_rows(None, None)  # as if the init_new hook had not run
+    wrapper.table._noted_rows.clear()  # as if the init_new hook had not run
     view = wrapper.physical_batch(batch)
     assert view.seq_lens_cpu.tolist() == [len(reference_rows(pool.req_to_token, torch.tensor([2]), torch.tensor([20]))[0])]
     assert wrapper._warned_host_rows
