@@ -19,7 +19,8 @@ Where each changes:
 - extend (prefill, a prefill chunk, a mixed batch): the batch's rows may have adopted a prefix
   from the tree, so they are rebuilt from ``req_to_token`` (O(tokens of the batch), like the
   prefill itself) and their dropped counts copied to the host: ONE device->host copy per extend
-  forward;
+  forward, none until the cache first reports a dropped token (a server that never compresses
+  pays nothing);
 - decode: one new token per request, never dropped: it is written at physical index
   ``seq_len - 1 - dropped[r]`` by a device scatter, and physical lengths are
   ``seq_lens - dropped[req_pool_indices]``: O(batch) device work, static shapes, no host sync,
@@ -77,6 +78,9 @@ class KeptKVTable:
         # context; unknown (rebuild max_context_len wide) once a forward came without host lengths.
         self.host_len: list[int] = [0] * self.num_rows
         self.host_len_known = True
+        # Until the cache first reports a sentinel, no row (and no tree value a row could adopt)
+        # holds one: extends then know their dropped counts (0) without reading them back.
+        self.any_dropped = False
         self._positions = torch.arange(self.max_context_len, device=self.device)
         self._dirty: set[int] = set()
         # Physical seq_lens handed to the backends in decode: one buffer for the table's life,
@@ -129,6 +133,7 @@ class KeptKVTable:
         counts = ((logical == SENTINEL_SLOT) & in_range).sum(1).tolist()  # the one device->host copy
         for row, count in zip(rows, counts):
             self.dropped_host[int(row)] = count
+        self.any_dropped = self.any_dropped or any(counts)
 
     # ---------------------------------------------------------------- per forward (device)
     def _to_device(self, values: list[int]) -> torch.Tensor:
@@ -188,7 +193,10 @@ class KeptKVTable:
             return torch.zeros(0, dtype=torch.int64, device=self.device), []
         width = max(seq_lens_cpu.tolist()) if seq_lens_cpu is not None else self.max_context_len
         dropped = self._rebuild(req_pool_indices.long(), seq_lens.long(), width)
-        dropped_host = dropped.tolist()  # the extend forward's one device->host copy
+        # The extend forward's one device->host copy (none while nothing was ever dropped).
+        dropped_host = dropped.tolist() if self.any_dropped else [0] * int(req_pool_indices.shape[0])
+        if self.debug and not self.any_dropped and any(dropped.tolist()):
+            raise RuntimeError("kept table: rows hold sentinel entries the cache never reported (rows_changed)")
         rows = rows_cpu.tolist() if rows_cpu is not None else req_pool_indices.tolist()
         for row, count in zip(rows, dropped_host):
             self.dropped_host[row] = count

@@ -75,7 +75,11 @@ def decode_batch(rows, seq_lens, req_to_token, pool) -> ForwardBatch:
 
 
 def fill_rows(req_to_token, lengths, rows, generator, drop_probability=0.5, protect_last=1):
-    """Distinct slots per row; random entries (not the last ``protect_last``) dropped to 0."""
+    """Distinct slots per row; random entries (not the last ``protect_last``) dropped to 0.
+
+    The rows are compressed here behind the cache's back: callers tell the kept table that rows
+    hold dropped entries (``table.any_dropped``), as the cache's first report would.
+    """
     next_slot = 1
     for row, length in zip(rows, lengths):
         req_to_token[row, :length] = torch.arange(next_slot, next_slot + length, dtype=req_to_token.dtype)
@@ -84,6 +88,13 @@ def fill_rows(req_to_token, lengths, rows, generator, drop_probability=0.5, prot
         drop = torch.rand(length - protect_last, generator=generator) < drop_probability
         req_to_token[row, :length - protect_last][drop] = 0
     return next_slot
+
+
+def wrap(inner) -> PhysicalKVAttention:
+    """The wrapper over rows this test compresses itself (see fill_rows)."""
+    wrapper = PhysicalKVAttention(inner)
+    wrapper.table.any_dropped = True
+    return wrapper
 
 
 # ============================================================================ the view
@@ -127,7 +138,7 @@ def _wrapped(num_rows=8):
     table = torch.zeros(num_rows, MAX_CONTEXT_LEN, dtype=torch.int32)
     pool = SimpleNamespace(req_to_token=table, size=num_rows - 1)
     inner = RecordingBackend(pool)
-    return PhysicalKVAttention(inner), inner, pool
+    return wrap(inner), inner, pool
 
 
 @pytest.mark.parametrize("with_cpu", [True, False], ids=["seq_lens_cpu", "no_seq_lens_cpu"])
@@ -261,7 +272,7 @@ def _reference_attention(q, keys, values, causal_offset=None):
 @pytest.mark.parametrize("lengths", [[17], [63, 5, 90]], ids=["1", "3"])
 def test_torch_native_decode_attends_to_kept_kv_only(lengths):
     backend, kv_pool, req_pool, layer, generator = _torch_native()
-    wrapper = PhysicalKVAttention(backend)
+    wrapper = wrap(backend)
     table = req_pool.req_to_token
     rows = list(range(1, len(lengths) + 1))[::-1]
     fill_rows(table, lengths, rows, generator, 0.6)
@@ -283,7 +294,7 @@ def test_torch_native_decode_attends_to_kept_kv_only(lengths):
 
 def test_torch_native_extend_after_a_compressed_prefix():
     backend, kv_pool, req_pool, layer, generator = _torch_native()
-    wrapper = PhysicalKVAttention(backend)
+    wrapper = wrap(backend)
     table = req_pool.req_to_token
     prefix_lens, extend_lens, rows = [40, 23], [7, 3], [4, 2]
     next_slot = 1
@@ -431,8 +442,8 @@ def test_triton_decode_graph_replay_reads_the_same_kv_as_eager():
     from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
     runner, generator = _model_runner()
-    graph = PhysicalKVAttention(TritonAttnBackend(runner))
-    eager = PhysicalKVAttention(TritonAttnBackend(runner))  # the same pool, so the same kept table
+    graph = wrap(TritonAttnBackend(runner))
+    eager = wrap(TritonAttnBackend(runner))  # the same pool, so the same kept table
     assert graph.table is eager.table
     table, pool, kv_pool, layer = runner.req_to_token_pool.req_to_token, runner.req_to_token_pool, runner.token_to_kv_pool, _layer()
     rows, lengths = [5, 2, 3], [30, 7, 51]
@@ -469,8 +480,8 @@ def test_fa3_decode_graph_replay_reads_the_kept_slots():
     from sglang.srt.layers.attention.flashattention_backend import FlashAttentionBackend
 
     runner, generator = _model_runner(seed=1)
-    graph = PhysicalKVAttention(FlashAttentionBackend(runner))
-    eager = PhysicalKVAttention(FlashAttentionBackend(runner))
+    graph = wrap(FlashAttentionBackend(runner))
+    eager = wrap(FlashAttentionBackend(runner))
     table, pool = runner.req_to_token_pool.req_to_token, runner.req_to_token_pool
     rows, lengths = [1, 4], [44, 12]
     next_slot = fill_rows(table, lengths, rows, generator, 0.5)

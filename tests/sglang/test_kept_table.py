@@ -309,10 +309,30 @@ def test_table_equals_the_per_step_rebuild(seed, overlap, monkeypatch):
     assert harness.cache.stats.requests_compressed > 5
     assert harness.cache.stats.shrink_dropped_tokens > 0
     assert set(scheduler.decode_syncs) == {0}, "a decode step read something back from the device"
-    assert set(scheduler.extend_syncs) == {1}, "an extend forward makes exactly one device->host copy"
+    # Exactly one device->host copy per extend forward, none before anything was ever dropped.
+    first = next(i for i, n in enumerate(scheduler.extend_syncs) if n)
+    assert set(scheduler.extend_syncs[:first]) == {0} and set(scheduler.extend_syncs[first:]) == {1}
 
 
 # ------------------------------------------------------------------ the table's own contract
+def test_extends_read_nothing_back_until_something_was_dropped():
+    req_to_token, table = _table()
+    req_to_token[1, :4] = torch.tensor([5, 6, 7, 8], dtype=torch.int32)
+    seq_lens_cpu, rows_cpu = torch.tensor([4]), torch.tensor([1])
+    with count_host_reads([seq_lens_cpu, rows_cpu]) as counts:
+        dropped, dropped_host = table.extend(torch.tensor([1]), torch.tensor([4]), seq_lens_cpu, rows_cpu)
+    assert sum(counts.values()) == 0 and dropped_host == [0] and table.physical[1, :4].tolist() == [5, 6, 7, 8]
+    req_to_token[1, 2] = 0
+    table.rows_changed([1], [4])  # the cache compressed the row
+    assert table.any_dropped and table.dropped_host[1] == 1
+    with count_host_reads([seq_lens_cpu, rows_cpu]) as counts:
+        table.extend(torch.tensor([1]), torch.tensor([4]), seq_lens_cpu, rows_cpu)
+    assert sum(counts.values()) == 1 and table.physical[1, :3].tolist() == [5, 6, 8]
+    table.debug, table.any_dropped = True, False
+    with pytest.raises(RuntimeError, match="never reported"):  # FLASHCACHE_DEBUG catches a silent edit
+        table.extend(torch.tensor([1]), torch.tensor([4]), seq_lens_cpu, rows_cpu)
+
+
 def _table(num_rows=5, width=32):
     req_to_token = torch.zeros(num_rows, width, dtype=torch.int32)
     return req_to_token, KeptKVTable(req_to_token)
@@ -320,6 +340,7 @@ def _table(num_rows=5, width=32):
 
 def test_rows_changed_recounts_the_host_mirror_and_is_validated():
     req_to_token, table = _table()
+    table.any_dropped = True
     req_to_token[1, :6] = torch.tensor([4, 0, 7, 5, 6, 8], dtype=torch.int32)
     table.extend(torch.tensor([1]), torch.tensor([6]), torch.tensor([6]), torch.tensor([1]))
     with pytest.raises(ValueError, match="2 rows but 1 lengths"):
@@ -363,6 +384,7 @@ def test_the_cache_notification_recounts_only_in_compressed_namespaces():
 
 def test_decode_padding_lanes_keep_their_fill_and_capture_appends_nothing():
     req_to_token, table = _table()
+    table.any_dropped = True
     req_to_token[2, :6] = torch.tensor([5, 0, 7, 0, 9, 10], dtype=torch.int32)
     table.extend(torch.tensor([2]), torch.tensor([6]), torch.tensor([6]), torch.tensor([2]))
     before = table.physical.clone()
@@ -396,6 +418,7 @@ def test_decode_is_graph_capturable():
 
 def test_extend_without_host_rows_or_lengths_still_matches():
     req_to_token, table = _table()
+    table.any_dropped = True  # the cache has reported a dropped token before
     req_to_token[1, :5] = torch.tensor([3, 0, 0, 4, 8], dtype=torch.int32)
     req_to_token[1, 5:9] = 77  # junk past seq_len is never read
     with count_host_reads() as counts:
