@@ -222,9 +222,11 @@ def test_engine_in_a_subprocess_fails_before_spawning(tmp_path):
 # Two launches: every refusal reason of the first is reported at once.
 PLAIN_CASES = [
     ("refused", {"policy": "snapkv", "retention": 0.5},
-     ["--page-size", "16", "--enable-streaming-session"], {"SGLANG_ENABLE_METADATA_GLUE_GRAPH": "1"},
+     ["--page-size", "16", "--enable-streaming-session", "--enable-hierarchical-cache"],
+     {"SGLANG_ENABLE_METADATA_GLUE_GRAPH": "1"},
      ["flashcache policy 'snapkv' needs attention queries", "--page-size 16: only --page-size 1",
-      "--enable-streaming-session: streaming sessions", "SGLANG_ENABLE_METADATA_GLUE_GRAPH=1: the glue graph"]),
+      "--enable-streaming-session: streaming sessions", "--enable-hierarchical-cache: the hierarchical",
+      "SGLANG_ENABLE_METADATA_GLUE_GRAPH=1: the glue graph"]),
     ("no-settings", None, [], {}, ["needs its settings in FLASHCACHE_CONFIG"]),
 ]
 
