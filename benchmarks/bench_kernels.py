@@ -1,8 +1,10 @@
 """Whole-model FlashCache compression time for one sequence: our kernels vs torch vs the floor.
 
-Pipeline (what the SGLang integration runs after a request's prefill), for every N:
-  score (all layers)  ->  allocate per-layer budgets  ->  select one shared keep set
-  ->  compact kept K/V of all layers into fresh pages (page_size 16).
+Through the project's public kernels API (flashcache_sglang.kernels), for every N:
+  engine   what the SGLang integration runs after a request's prefill with page_size 1:
+           score (all layers, straight from the pool's buffers) -> per-layer budgets on the
+           device -> one shared keep set (the dropped slots then go back to the allocator)
+  paged    engine + compact the kept K/V of all layers into fresh pages (page_size 16)
 
 Variants timed in the same run:
   triton          flashcache_sglang.kernels (folded low-pass matmul scoring, Triton selection
@@ -12,11 +14,12 @@ Variants timed in the same run:
   floor           bytes that must move / measured device copy bandwidth
 
 Usage:
-  python benchmarks/bench_kernels.py --device cpu --sizes tiny          # seconds, any machine
+  python benchmarks/bench_kernels.py --dry-run                          # CPU, tiny, interpreted
   python benchmarks/bench_kernels.py --device cuda --sizes paper        # 2K, 4K, 8K
   python benchmarks/bench_kernels.py --device cuda --sizes 32k
-  add --sweep-configs to time a few scoring tile configurations as well.
-Writes JSON (device, versions, median and spread of every timing) to benchmarks/results/.
+  add --sweep-configs to time a few scoring tile configurations as well, --time-budget S to stop
+  adding sizes once S seconds have passed (the JSON is rewritten after every size).
+Writes JSON (machine, versions, median and spread of every timing) to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -24,15 +27,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import re
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+if __package__ in (None, ""):  # run as a script: the repository root is the package root
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PAPER_MS = {2048: 1.66, 4096: 3.86, 8192: 6.77}  # FlashCache paper, whole model, one sequence
@@ -58,7 +66,14 @@ GAMMA, RETENTION, PAGE_SIZE = 0.2, 0.2, 16
 
 
 def timings_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> list[float]:
-    """Per-call times in ms; on CUDA triton.testing.do_bench (flushes L2 between calls)."""
+    """Per-call times in ms; on CUDA triton.testing.do_bench (flushes L2 between calls).
+
+    ``repeats`` 0 (a dry run): one call, no warm-up: it proves the code runs, nothing more.
+    """
+    if repeats == 0:
+        start = time.perf_counter()
+        fn()
+        return [(time.perf_counter() - start) * 1e3]
     fn()  # compile / warm caches outside the measurement
     if device.type == "cuda":
         import triton.testing
@@ -139,7 +154,24 @@ def make_problem(shape: ModelShape, num_tokens: int, device: torch.device, seed:
     return k_buffers, v_buffers, slots, budget, new_pages, protected
 
 
+def engine_pipeline(problem, backend: str):
+    """What the integration runs with page_size 1: score, budgets, select (no KV moves)."""
+    from flashcache_sglang.kernels import score_span, select_kept
+
+    k_buffers, v_buffers, slots, budget, new_pages, protected = problem
+    num_layers, num_tokens = len(k_buffers), slots.numel()
+
+    def run():
+        scores = score_span(k_buffers, v_buffers, slots, GAMMA, backend=backend)
+        budgets = device_budgets(scores.high_freq_ratio, budget * num_layers, num_tokens)
+        combined = shared_scores(scores.layer_deviation, budgets)
+        return select_kept(combined, budget, protected, backend=backend)
+
+    return run
+
+
 def pipeline(problem, backend: str):
+    """engine_pipeline + compaction of the kept K/V into fresh pages (page_size 16)."""
     from flashcache_sglang.kernels import compact_kept, score_span, select_kept
 
     k_buffers, v_buffers, slots, budget, new_pages, protected = problem
@@ -248,7 +280,7 @@ def versions(device: torch.device) -> dict:
     return info
 
 
-def main() -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", choices=sorted(SIZES), default="tiny")
@@ -256,31 +288,59 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed calls (CPU) / min rep ms (CUDA)")
     parser.add_argument("--skip-reference", action="store_true", help="skip the torch reference pipeline")
     parser.add_argument("--sweep-configs", action="store_true", help="also time scoring tile configs")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds: sizes not started by then are skipped (recorded as such)")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, interpreted Triton (no timing value)")
     parser.add_argument("--output", type=Path, default=None)
-    args = parser.parse_args()
-
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    if args.dry_run:
+        args.device, args.sizes = "cpu", "tiny"
+        args.tokens = args.tokens or [63]
     device = torch.device(args.device)
     if device.type == "cpu":
-        import os
-
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
+    from benchmarks.serving import machine_info
+
     shape, token_counts = SIZES[args.sizes]
     token_counts = args.tokens or token_counts
-    repeats = args.repeats or (100 if device.type == "cuda" else 1)
+    repeats = 0 if args.dry_run else args.repeats or (100 if device.type == "cuda" else 1)
     bandwidth = copy_bandwidth_gbps(device)
     info = versions(device)
-    print(f"device: {info['device_name']}  copy bandwidth {bandwidth:.0f} GB/s  shape {shape}")
+    print(f"device: {info['device_name']}  copy bandwidth {bandwidth:.0f} GB/s  shape {shape}", flush=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", info["device_name"].lower()).strip("-") or "cpu"
+    output = args.output or RESULTS / f"kernels_{slug}_{args.sizes}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "benchmark": "flashcache whole-model compression, one sequence",
+        "device": info,
+        "machine": machine_info(),
+        "dry_run": args.dry_run,
+        "copy_bandwidth_gbps": bandwidth,
+        "shape": {**asdict(shape), "dtype": str(shape.dtype)},
+        "gamma": GAMMA,
+        "retention": RETENTION,
+        "page_size": PAGE_SIZE,
+        "timing": "triton.testing.do_bench, L2 flushed" if device.type == "cuda" else "perf_counter, interpreter",
+        "target_ms": TARGET_MS,
+        "results": [],
+        "skipped_sizes": [],
+    }
 
     # On CPU the Triton path runs interpreted: it proves the script works, not speed.
     triton_backend = "triton"
-    rows = []
     for num_tokens in token_counts:
+        if args.time_budget is not None and time.monotonic() - started > args.time_budget:
+            report["skipped_sizes"].append(num_tokens)
+            print(f"N={num_tokens}: skipped, the {args.time_budget:.0f} s budget is spent", flush=True)
+            continue
         problem = make_problem(shape, num_tokens, device)
         row = {"num_tokens": num_tokens}
         row["floor"] = {
             "bytes": floor_bytes(shape, num_tokens),
             "median_ms": floor_bytes(shape, num_tokens) / (bandwidth * 1e9) * 1e3,
         }
+        row["engine"] = summary(timings_ms(engine_pipeline(problem, triton_backend), device, repeats))
         row["triton"] = summary(timings_ms(pipeline(problem, triton_backend), device, repeats))
         row["triton_stages"] = {
             name: summary(timings_ms(fn, device, repeats))
@@ -300,43 +360,31 @@ def main() -> None:
         row["allocate_budgets_host"] = summary(
             timings_ms(
                 lambda: allocate_budgets(ratios, budget * shape.num_layers, 0, num_tokens),
-                device, min(repeats, 20),
+                device, min(repeats, 20) if repeats else 0,
             )
         )
         if args.sweep_configs:
             row["scoring_config_sweep"] = sweep_configs(problem, device, repeats)
         if num_tokens in PAPER_MS:
             row["paper_ms"] = PAPER_MS[num_tokens]
-        rows.append(row)
+        if num_tokens in TARGET_MS and not args.dry_run:
+            row["meets_target"] = row["engine"]["median_ms"] <= TARGET_MS[num_tokens]
+        report["results"].append(row)
+        output.write_text(json.dumps(report, indent=2))  # partial results survive a time-out
         reference = row.get("torch_reference", {}).get("median_ms", float("nan"))
         print(
-            f"N={num_tokens:6d}  triton {row['triton']['median_ms']:.3f} ms  "
+            f"N={num_tokens:6d}  engine {row['engine']['median_ms']:.3f} ms  paged {row['triton']['median_ms']:.3f} ms  "
             f"torch {reference:.3f} ms  floor {row['floor']['median_ms']:.3f} ms  "
             f"score {row['triton_stages']['score']['median_ms']:.3f}  "
-            f"torch_matmul_score {row['torch_matmul_score']['median_ms']:.3f}"
+            f"torch_matmul_score {row['torch_matmul_score']['median_ms']:.3f}", flush=True
         )
         del problem
         if device.type == "cuda":
             torch.cuda.empty_cache()
-
-    slug = re.sub(r"[^a-z0-9]+", "-", info["device_name"].lower()).strip("-") or "cpu"
-    output = args.output or RESULTS / f"kernels_{slug}_{args.sizes}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "benchmark": "flashcache whole-model compression, one sequence",
-        "device": info,
-        "copy_bandwidth_gbps": bandwidth,
-        "shape": {**asdict(shape), "dtype": str(shape.dtype)},
-        "gamma": GAMMA,
-        "retention": RETENTION,
-        "page_size": PAGE_SIZE,
-        "timing": "triton.testing.do_bench, L2 flushed" if device.type == "cuda" else "perf_counter, interpreter",
-        "target_ms": TARGET_MS,
-        "results": rows,
-    }
     output.write_text(json.dumps(report, indent=2))
     print(f"wrote {output}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

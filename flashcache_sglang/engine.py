@@ -17,37 +17,38 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import cpu_compat
+from . import cpu_compat, support
 from .config import ENV_VAR, FlashCacheConfig
+from .launch_server import CPU_MAX_TOTAL_TOKENS
 
 _FIELDS = {"retention", "gamma", "policy", "candidates", "sink_tokens", "recent_tokens", "min_candidates"}
 
 CPU_ENGINE_DEFAULTS = {"device": "cpu", "attention_backend": "torch_native", "disable_cuda_graph": True,
                        "sampling_backend": "pytorch", "grammar_backend": "none"}
+GPU_ENGINE_DEFAULTS = {"cuda_graph_backend_prefill": "disabled"}
 
 
 def engine_kwargs(kwargs: dict[str, Any], cpu: bool) -> tuple[FlashCacheConfig, dict[str, Any]]:
-    """Split ``flashcache_*`` keywords off; validate; return the config and SGLang's keywords."""
+    """Split ``flashcache_*`` keywords off; validate against the one table of refused settings
+    (flashcache_sglang.support); return the config and SGLang's keywords (with the launcher's
+    defaults: see flashcache_sglang.launch_server)."""
     ours = {key[len("flashcache_"):]: kwargs.pop(key) for key in list(kwargs) if key.startswith("flashcache_")}
     unknown = set(ours) - _FIELDS
     if unknown:
         raise ValueError(f"unknown flashcache options {sorted('flashcache_' + k for k in unknown)}; "
                          f"valid: {sorted('flashcache_' + k for k in _FIELDS)}")
     config = FlashCacheConfig(**ours)
-    for key, bad in (("page_size", lambda v: v not in (None, 1)),
-                     ("speculative_algorithm", lambda v: v is not None),
-                     ("disable_radix_cache", bool), ("enable_hierarchical_cache", bool)):
-        if key in kwargs and bad(kwargs[key]):
-            raise ValueError(f"{key}={kwargs[key]!r} is not supported with flashcache")
+    support.check({**support.environment_settings(), **support.settings_from_keywords(kwargs)}, config,
+                  keywords=True)
     kwargs.setdefault("radix_cache_backend", "flashcache")
-    if kwargs["radix_cache_backend"] != "flashcache":
-        raise ValueError(f"radix_cache_backend={kwargs['radix_cache_backend']!r} conflicts with flashcache")
     if cpu:
         for key, value in CPU_ENGINE_DEFAULTS.items():
             kwargs.setdefault(key, value)
-    else:
-        kwargs.setdefault("attention_backend", "flashinfer")
-        kwargs.setdefault("disable_cuda_graph", True)
+        if "max_total_tokens" not in kwargs and "mem_fraction_static" not in kwargs:
+            kwargs["max_total_tokens"] = CPU_MAX_TOTAL_TOKENS
+    elif not kwargs.get("disable_cuda_graph"):
+        for key, value in GPU_ENGINE_DEFAULTS.items():
+            kwargs.setdefault(key, value)
     return config, kwargs
 
 

@@ -1,10 +1,19 @@
 """``python -m flashcache_sglang.launch_server <sglang args> --flashcache-retention 0.2 ...``
 
-Validates the ``--flashcache-*`` flags, refuses SGLang settings FlashCache cannot serve
-correctly, exports the settings for SGLang's spawned processes, and then runs SGLang's own
-``sglang.launch_server`` with ``--radix-cache-backend flashcache``. On a machine without CUDA it
-also adds what SGLang needs to run on CPU (see flashcache_sglang.cpu_compat) unless you set those
-flags yourself.
+Validates the ``--flashcache-*`` flags, pre-checks the SGLang flags against the one table of
+refused settings (flashcache_sglang.support; the scheduler checks the resolved settings again
+before the server reports healthy), exports the settings for SGLang's spawned processes, and
+then runs SGLang's own ``sglang.launch_server`` with ``--radix-cache-backend flashcache``.
+
+Defaults it adds unless you set them yourself:
+
+- on a GPU: ``--cuda-graph-backend-prefill disabled`` (decode CUDA graphs stay on, as in
+  SGLang; prefill graphs are refused, see support.py). The attention backend is SGLang's own
+  default (fa3 on Hopper), which flashcache wraps;
+- on a machine without CUDA: what SGLang needs to run on CPU (see flashcache_sglang.cpu_compat)
+  and a KV pool of ``--max-total-tokens`` :data:`CPU_MAX_TOTAL_TOKENS` (SGLang would otherwise size
+  the pool from the machine's memory: 14.8 GB for a 135M model on a 24 GB machine) unless
+  ``--max-total-tokens`` or ``--mem-fraction-static`` is given.
 """
 
 from __future__ import annotations
@@ -14,18 +23,8 @@ import os
 import sys
 from typing import Sequence
 
-from . import cpu_compat
+from . import cpu_compat, support
 from .config import CANDIDATE_MODES, ENV_VAR, FlashCacheConfig
-
-# SGLang flags whose presence (or value) makes compressed rows unsafe: KV index != position,
-# or a tree other than ours.
-_REFUSED_FLAGS = {
-    "--speculative-algorithm": "speculative decoding reads draft KV by position",
-    "--disable-radix-cache": "flashcache is a radix cache; disabling it disables flashcache",
-    "--enable-hierarchical-cache": "the hierarchical (host) cache copies rows by position",
-    "--enable-dcp": "decode context parallelism shards KV by position",
-    "--enable-streaming-session": "streaming sessions need SGLang's UnifiedRadixCache",
-}
 
 CPU_DEFAULTS = {
     "--device": "cpu",
@@ -34,6 +33,10 @@ CPU_DEFAULTS = {
     "--grammar-backend": "none",
 }
 CPU_SWITCHES = ("--disable-cuda-graph",)
+# KV pool bound on CPU, in tokens: generous for the small models CPUs serve (SmolLM2-135M in
+# float32 holds 46 KB per token: 1.5 GB), and far from the whole machine.
+CPU_MAX_TOTAL_TOKENS = 32768
+GPU_DEFAULTS = {"--cuda-graph-backend-prefill": "disabled"}
 
 
 def add_flashcache_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,35 +64,14 @@ def config_from_args(args: argparse.Namespace) -> FlashCacheConfig:
     )
 
 
-def _flag_value(argv: Sequence[str], flag: str) -> str | None:
-    for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-    return None
-
-
 def _has_flag(argv: Sequence[str], flag: str) -> bool:
     return any(arg == flag or arg.startswith(flag + "=") for arg in argv)
 
 
-def check_sglang_args(argv: Sequence[str]) -> None:
-    """Raise ValueError naming the first SGLang flag FlashCache cannot serve."""
-    for flag, why in _REFUSED_FLAGS.items():
-        if _has_flag(argv, flag):
-            raise ValueError(f"{flag} is not supported with flashcache: {why}")
-    page_size = _flag_value(argv, "--page-size")
-    if page_size is not None and page_size != "1":
-        raise ValueError(f"--page-size {page_size} is not supported with flashcache: only 1 "
-                         "(a dropped token cannot be freed from a larger page without compaction)")
-    backend = _flag_value(argv, "--radix-cache-backend")
-    if backend is not None and backend != "flashcache":
-        raise ValueError(f"--radix-cache-backend {backend} conflicts with flashcache's own backend")
-    attention = _flag_value(argv, "--attention-backend")
-    if attention is not None and attention not in ("torch_native", "triton", "flashinfer"):
-        raise ValueError(f"--attention-backend {attention} is not supported with flashcache: "
-                         "use torch_native, triton or flashinfer")
+def check_sglang_args(argv: Sequence[str], config: FlashCacheConfig | None = None) -> None:
+    """Raise support.UnsupportedSetting naming every SGLang flag (and FlashCache setting) that
+    FlashCache cannot serve: the fast pre-check; the scheduler checks the resolved settings."""
+    support.check({**support.environment_settings(), **support.settings_from_argv(argv)}, config)
 
 
 def sglang_argv(argv: Sequence[str], cpu: bool) -> list[str]:
@@ -103,14 +85,12 @@ def sglang_argv(argv: Sequence[str], cpu: bool) -> list[str]:
         for flag in CPU_SWITCHES:
             if not _has_flag(out, flag):
                 out.append(flag)
+        if not (_has_flag(out, "--max-total-tokens") or _has_flag(out, "--mem-fraction-static")):
+            out += ["--max-total-tokens", str(CPU_MAX_TOTAL_TOKENS)]
     else:
-        if not _has_flag(out, "--attention-backend"):
-            # The default on Hopper is fa3, which the wrapper does not cover.
-            out += ["--attention-backend", "flashinfer"]
-        if not _has_flag(out, "--disable-cuda-graph"):
-            # The wrapper prepares graph metadata from compacted rows, but replay over compressed
-            # rows has not been verified on a GPU yet: run eagerly until it has.
-            out.append("--disable-cuda-graph")
+        for flag, value in GPU_DEFAULTS.items():
+            if not (_has_flag(out, flag) or _has_flag(out, "--disable-cuda-graph")):
+                out += [flag, value]
     return out
 
 
@@ -120,7 +100,7 @@ def prepare(argv: Sequence[str]) -> tuple[FlashCacheConfig, list[str], dict[str,
     add_flashcache_arguments(parser)
     args, rest = parser.parse_known_args(list(argv))
     config = config_from_args(args)
-    check_sglang_args(rest)
+    check_sglang_args(rest, config)
     cpu = cpu_compat.needed()
     env = cpu_compat.environment()
     env[ENV_VAR] = config.to_json()

@@ -4,40 +4,47 @@ It always registers the ``flashcache`` radix-cache backend (harmless unless sele
 ``--radix-cache-backend flashcache``). Only when the launcher exported FlashCache settings
 (``FLASHCACHE_CONFIG``) does it also wrap the attention backends so attention reads kept KV only;
 a plain ``sglang.launch_server`` in the same environment stays vanilla.
+
+The radix-cache factory runs inside the scheduler process while it starts, after the model
+runner: it checks the scheduler's resolved settings against flashcache_sglang.support (the one
+table of refused settings) and that attention really is wrapped, so a launch that cannot be
+served correctly fails before the server reports healthy, whichever way it was started.
 """
 
 from __future__ import annotations
 
 import logging
 
-from .config import FlashCacheConfig
+from . import support
+from .config import ENV_VAR, FlashCacheConfig
 
 logger = logging.getLogger(__name__)
 
 RADIX_BACKEND_NAME = "flashcache"
-WRAPPED_ATTENTION_BACKENDS = ("torch_native", "triton", "flashinfer")
+WRAPPED_ATTENTION_BACKENDS = support.WRAPPED_ATTENTION_BACKENDS
 
 
 def make_radix_cache(ctx):
-    """Factory for SGLang's registry: build the compressed radix cache, or refuse with a reason."""
+    """Factory for SGLang's registry: build the compressed radix cache, or refuse with the reasons."""
+    from . import upstream
+    from .attention import PhysicalKVAttention
     from .radix_cache import CompressedRadixCache
     from .stats import CompressionStats
 
-    config = FlashCacheConfig.from_env() or FlashCacheConfig(retention=1.0)
-    refuse = {
-        ctx.disable_radix_cache: "--disable-radix-cache (flashcache is a radix cache)",
-        ctx.is_hybrid_swa: "hybrid sliding-window models (KV index != position under SWA)",
-        ctx.is_hybrid_ssm: "hybrid SSM/Mamba models",
-        ctx.is_dsa: "DSA/NSA sparse-attention models",
-        ctx.enable_hierarchical_cache: "--enable-hierarchical-cache",
-        ctx.params.page_size != 1: f"--page-size {ctx.params.page_size} (only 1 is supported)",
-        bool(getattr(ctx.params, "is_eagle", False)): "speculative decoding (EAGLE)",
-    }
-    reasons = [reason for bad, reason in refuse.items() if bad]
-    if getattr(ctx.model_config, "attention_arch", None) is not None and "MLA" in str(ctx.model_config.attention_arch):
-        reasons.append("MLA attention")
-    if reasons:
-        raise ValueError("flashcache radix cache cannot serve this configuration: " + "; ".join(reasons))
+    config = FlashCacheConfig.from_env()
+    if config is None:
+        raise support.UnsupportedSetting(
+            f"--radix-cache-backend {RADIX_BACKEND_NAME} needs its settings in {ENV_VAR} (without them the "
+            "attention backends are not wrapped): start SGLang through python -m flashcache_sglang.launch_server "
+            f"or flashcache_sglang.engine.Engine, or export {ENV_VAR}"
+        )
+    support.check(support.settings_from_scheduler(ctx), config)
+    backends = upstream.context_attention_backends(ctx)
+    unwrapped = [type(backend).__name__ for backend in backends if not isinstance(backend, PhysicalKVAttention)]
+    if unwrapped:
+        raise support.UnsupportedSetting(
+            f"flashcache cannot serve this configuration: attention backend {', '.join(unwrapped)} reads "
+            f"dropped tokens (flashcache wraps {', '.join(WRAPPED_ATTENTION_BACKENDS)})")
     allocator = ctx.params.token_to_kv_pool_allocator
     kv_pool = allocator.get_kvcache()
     stats = CompressionStats()
@@ -59,6 +66,16 @@ def make_radix_cache(ctx):
     return cache
 
 
+def _note_forward_rows(forward_batch, schedule_batch, model_runner) -> None:
+    """Keep a decode batch's host rows for the kept-KV table (its ForwardBatch drops them)."""
+    from . import upstream
+    from .kept_table import KeptKVTable
+
+    if upstream.is_decode_batch(forward_batch):
+        table = KeptKVTable.for_pool(upstream.model_runner_req_to_token_pool(model_runner))
+        table.note_rows(upstream.batch_out_cache_loc(forward_batch), upstream.batch_rows_cpu(schedule_batch))
+
+
 def load() -> None:
     from . import upstream
 
@@ -69,4 +86,5 @@ def load() -> None:
     from .attention import PhysicalKVAttention
 
     upstream.wrap_attention_backends(PhysicalKVAttention, WRAPPED_ATTENTION_BACKENDS)
+    upstream.install_forward_batch_hook(_note_forward_rows)
     upstream.install_admission_hook()

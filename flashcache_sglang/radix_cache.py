@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from . import upstream
+from . import kept_table, upstream
 from .compressor import SENTINEL_SLOT, RowCompressor, candidate_positions
 from .config import FlashCacheConfig
 from .stats import CompressionStats
@@ -103,6 +103,7 @@ class CompressedRadixCache(RadixCache):
             if not self._maybe_compress(req, up_to):
                 return  # span still being prefilled: keep the KV private for now
         super().checkpoint(req, up_to=up_to, **kwargs)
+        kept_table.rows_changed(self.req_to_token_pool, [upstream.request_pool_row(req)], [up_to], self.settings_for(req))
         self.stats.publish()
 
     def _maybe_compress(self, req, up_to: int) -> bool:

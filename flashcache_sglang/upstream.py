@@ -9,7 +9,14 @@ rely on, and why:
   ``eviction_strategy``, ``evictable_size_`` / ``protected_size_``, ``root_node``.
 - ``register_radix_cache_backend`` (mem_cache/registry.py) + ``--radix-cache-backend``.
 - ``ATTENTION_BACKENDS`` (layers/attention/attention_registry.py): re-registered with wrapping
-  factories, so ``--attention-backend torch_native|triton|flashinfer`` keep their names.
+  factories, so ``--attention-backend torch_native|triton|flashinfer|fa3`` keep their names.
+- The decode CUDA-graph contract (base_attn_backend.py, runner/decode_cuda_graph_runner.py):
+  ``init_forward_metadata_out_graph(fb, in_capture)`` runs before capture and before every
+  replay, the replay view (``build_replay_fb_view``) carries the batch's own ``out_cache_loc``
+  and ``num_padding``; ``ForwardBatch.init_new(batch, model_runner)`` is where a batch's host
+  rows (``ScheduleBatch.req_pool_indices_cpu``) are still at hand (:func:`install_forward_batch_hook`).
+- ``TreeCacheBuildContext.server_args`` (mem_cache/registry.py): the scheduler's resolved
+  settings, checked against flashcache_sglang.support before the server reports healthy.
 - The allocator's ``free`` (mem_cache/allocator): wrapped per instance to skip the sentinel.
 - ``Req`` fields: ``rid``, ``extra_key``, ``origin_input_ids``, ``kv.req_pool_idx``,
   ``kv.cache_protected_len``, ``multimodal_inputs.mm_items[*].offsets`` (inclusive ends),
@@ -43,8 +50,8 @@ DUMP_DIR_ENV = "FLASHCACHE_DUMP_DIR"
 
 __all__ = [
     "AttentionBackend", "EvictParams", "EvictResult", "MatchPrefixParams", "RadixCache", "RadixKey", "TreeNode",
-    "check_upstream", "filter_sentinel_frees", "register_radix_backend", "rotary_spec_of",
-    "wrap_attention_backends",
+    "check_upstream", "filter_sentinel_frees", "install_forward_batch_hook", "register_radix_backend",
+    "request_pool_row", "rotary_spec_of", "wrap_attention_backends",
 ]
 
 
@@ -114,7 +121,43 @@ def check_upstream() -> list[str]:
 
     if "offsets" not in getattr(MultimodalDataItem, "__struct_fields__", ()):
         problems.append("MultimodalDataItem has no 'offsets'")
+    problems += _check_graph_contract()
     problems += _check_rotary_classes()
+    return problems
+
+
+def _check_graph_contract() -> list[str]:
+    """What the kept-KV table and the CUDA-graph path rely on (see the module docstring)."""
+    problems: list[str] = []
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+    from sglang.srt.mem_cache.registry import TreeCacheBuildContext
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+    from sglang.srt.model_executor.runner import decode_cuda_graph_runner
+
+    params = list(inspect.signature(ForwardBatch.init_new).parameters)
+    if params[:2] != ["batch", "model_runner"]:
+        problems.append(f"ForwardBatch.init_new{tuple(params)} no longer starts with (batch, model_runner)")
+    if "req_pool_indices_cpu" not in {f.name for f in dataclasses.fields(ScheduleBatch)}:
+        problems.append("ScheduleBatch has no req_pool_indices_cpu (host rows of a decode batch)")
+    if "server_args" not in {f.name for f in dataclasses.fields(TreeCacheBuildContext)}:
+        problems.append("TreeCacheBuildContext has no server_args (start-up refusals)")
+    out_graph = getattr(AttentionBackend, "init_forward_metadata_out_graph", None)
+    if out_graph is None or "in_capture" not in inspect.signature(out_graph).parameters:
+        problems.append("AttentionBackend.init_forward_metadata_out_graph(fb, in_capture) is gone")
+    if not callable(getattr(AttentionBackend, "init_forward_metadata_in_graph", None)):
+        problems.append("AttentionBackend.init_forward_metadata_in_graph is gone")
+    source = inspect.getsource(decode_cuda_graph_runner.build_replay_fb_view)
+    for needle in ('out_cache_loc=getattr(forward_batch, "out_cache_loc"', "num_padding=bs - raw_bs"):
+        if needle not in source:
+            problems.append(f"build_replay_fb_view no longer sets {needle.split('=')[0]} as flashcache expects")
+    try:
+        from sglang.srt.arg_groups.overrides import resolution_result  # noqa: F401
+    except ImportError:
+        problems.append("sglang.srt.arg_groups.overrides.resolution_result is gone (resolved settings)")
+    registered = getattr(attention_registry, "ATTENTION_BACKENDS", {})
+    for name in ("triton", "flashinfer", "fa3"):
+        if name not in registered:
+            problems.append(f"attention backend {name!r} is not registered")
     return problems
 
 
@@ -167,6 +210,85 @@ def wrap_attention_backends(wrap: Callable[[Any], Any], names: tuple[str, ...]) 
         attention_registry.ATTENTION_BACKENDS[name] = factory
         wrapped.append(name)
     return wrapped
+
+
+# ------------------------------------------------------------------ forward batches
+def install_forward_batch_hook(callback: Callable[[Any, Any, Any], None]) -> bool:
+    """Call ``callback(forward_batch, schedule_batch, model_runner)`` after every
+    ``ForwardBatch.init_new``: the last point where a batch's host-side rows are at hand (a
+    decode ForwardBatch drops ``req_pool_indices_cpu``). Returns False if already installed.
+    """
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+
+    original = ForwardBatch.__dict__["init_new"].__func__
+    if getattr(original, "_flashcache_hook", False):
+        return False
+
+    def init_new(cls, batch, model_runner, *args, **kwargs):
+        forward_batch = original(cls, batch, model_runner, *args, **kwargs)
+        callback(forward_batch, batch, model_runner)
+        return forward_batch
+
+    init_new._flashcache_hook = True
+    init_new.__wrapped__ = original
+    ForwardBatch.init_new = classmethod(init_new)
+    return True
+
+
+def batch_rows_cpu(schedule_batch) -> Optional[Any]:
+    """``[batch_size]`` int64 host tensor of a ScheduleBatch's request rows (None if absent)."""
+    return getattr(schedule_batch, "req_pool_indices_cpu", None)
+
+
+def batch_out_cache_loc(forward_batch):
+    return getattr(forward_batch, "out_cache_loc", None)
+
+
+def is_decode_batch(forward_batch) -> bool:
+    return bool(forward_batch.forward_mode.is_decode())
+
+
+def model_runner_req_to_token_pool(model_runner):
+    return model_runner.req_to_token_pool
+
+
+# ------------------------------------------------------------------ start-up settings
+def resolved_setting(server_args, name: str) -> Any:
+    """A ServerArgs field as the scheduler resolved it (SGLang declares resolved values apart
+    from the raw fields: an attention backend left to SGLang reads None raw, ``fa3`` resolved)."""
+    from sglang.srt.arg_groups.overrides import resolution_result
+
+    if name == "cuda_graph_backend_prefill":
+        config = resolution_result(server_args, "cuda_graph_config")
+        return None if config is None else config.prefill.backend
+    return resolution_result(server_args, name)
+
+
+def build_context_facts(ctx) -> dict[str, bool]:
+    """What the radix-cache factory's context says about the loaded model and its tree."""
+    runner = ctx.tp_worker.model_runner if ctx.tp_worker is not None else None
+    window = getattr(runner, "sliding_window_size", None)
+    arch = getattr(ctx.model_config, "attention_arch", None)
+    return {
+        "disable_radix_cache": bool(ctx.disable_radix_cache),
+        "enable_hierarchical_cache": bool(ctx.enable_hierarchical_cache),
+        "hybrid_swa": bool(ctx.is_hybrid_swa),
+        "hybrid_ssm": bool(ctx.is_hybrid_ssm),
+        "dsa": bool(ctx.is_dsa),
+        "mla": arch is not None and "MLA" in str(arch),
+        "sliding_window": window is not None and window > 0,
+    }
+
+
+def context_attention_backends(ctx) -> list:
+    """The attention backend objects the scheduler's model runner uses (a hybrid's children too)."""
+    runner = ctx.tp_worker.model_runner if ctx.tp_worker is not None else None
+    backend = getattr(runner, "attn_backend", None)
+    if backend is None:
+        return []
+    children = [getattr(backend, name, None) for name in ("prefill_backend", "decode_backend")]
+    children = [child for child in children if child is not None]
+    return children or [backend]
 
 
 # ------------------------------------------------------------------ scheduler admission
@@ -232,6 +354,11 @@ def request_id(req) -> str:
 
 def prompt_len(req) -> int:
     return len(req.origin_input_ids)
+
+
+def request_pool_row(req) -> int:
+    """The request's row in SGLang's ReqToTokenPool."""
+    return int(req.kv.req_pool_idx)
 
 
 def cache_protected_len(req) -> int:

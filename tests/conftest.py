@@ -12,8 +12,8 @@ import pytest
 import torch
 
 # Triton picks its CPU interpreter when a kernel is decorated, i.e. when flashcache_sglang.kernels
-# is first imported. Import it here, before any test module (the engine code imports it too),
-# with TRITON_INTERPRET=1, then restore the variable so SGLang servers started by tests do not
+# (or an SGLang kernel module) is first imported. Import them here, before any test module (the
+# engine code imports them too), with TRITON_INTERPRET=1, then restore the variable so SGLang servers started by tests do not
 # inherit it (tests/kernels/conftest.py sets it again around each kernel test).
 if not torch.cuda.is_available():
     # The test process imports SGLang modules directly (pools, rotary embeddings, the scheduler's
@@ -27,6 +27,11 @@ if not torch.cuda.is_available():
     _previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     import flashcache_sglang.kernels  # noqa: F401
+    # SGLang's own Triton kernels that tests/sglang/test_attention_view.py runs on CPU (the
+    # triton / fa3 attention backends' CUDA-graph metadata and the Triton decode kernel).
+    import sglang.kernels.ops.attention.decode_attention  # noqa: F401
+    import sglang.kernels.ops.attention.kv_indices  # noqa: F401
+    import sglang.kernels.ops.attention.metadata  # noqa: F401
 
     if _previous is None:
         del os.environ["TRITON_INTERPRET"]

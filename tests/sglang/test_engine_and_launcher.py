@@ -29,7 +29,7 @@ def test_bad_flashcache_flags_name_the_flag_and_range(flag, value, message):
     (["--page-size", "16"], "--page-size 16"),
     (["--speculative-algorithm", "EAGLE"], "--speculative-algorithm"),
     (["--disable-radix-cache"], "--disable-radix-cache"),
-    (["--attention-backend", "fa3"], "--attention-backend fa3"),
+    (["--attention-backend", "trtllm_mha"], "--attention-backend trtllm_mha"),
     (["--radix-cache-backend", "flexkv"], "--radix-cache-backend flexkv"),
     (["--enable-hierarchical-cache"], "--enable-hierarchical-cache"),
 ])
@@ -54,7 +54,7 @@ def test_launcher_cli_exits_2_naming_the_flag():
 def test_engine_kwargs_validation():
     with pytest.raises(ValueError, match="flashcache_retenton"):
         engine_kwargs({"flashcache_retenton": 0.2}, cpu=True)
-    with pytest.raises(ValueError, match="page_size=16"):
+    with pytest.raises(ValueError, match="page_size=16: only --page-size 1"):
         engine_kwargs({"page_size": 16}, cpu=True)
     config, kwargs = engine_kwargs({"model_path": "m", "flashcache_retention": 0.5}, cpu=True)
     assert config.retention == 0.5 and kwargs["radix_cache_backend"] == "flashcache"
