@@ -49,7 +49,7 @@ class LeaseSettings:
             streams (``serve`` runs it; library users call ``StreamManager.resume_all``).
     """
 
-    ttl_s: float = 6.0
+    ttl_s: float = 5.0
     renew_every_s: Optional[float] = None
     scan_every_s: float = 1.0
 

@@ -150,7 +150,11 @@ def ffmpeg_input_options(url: str) -> dict[str, str]:
     on the protocols and containers of that scheme (no playlists, no redirects of its own)."""
     scheme = urlsplit(url).scheme.lower()
     if scheme in ("rtsp", "rtsps"):
-        return {"rtsp_transport": "tcp", "protocol_whitelist": "rtsp,rtsps,rtp,srtp,tcp,udp,tls", "format_whitelist": "rtsp"}
+        # analyzeduration: ffmpeg's default probe (5 s budget) held every open and reconnect
+        # for ~3 s on a loopback camera; the session description already names the codec, so
+        # 1 s of probing finds the geometry (measured: open in 1.2 s instead of 2.9 s).
+        return {"rtsp_transport": "tcp", "analyzeduration": "1000000",
+                "protocol_whitelist": "rtsp,rtsps,rtp,srtp,tcp,udp,tls", "format_whitelist": "rtsp"}
     if scheme in ("http", "https"):
         return {"max_redirects": "0", "protocol_whitelist": "http,https,tcp,tls", "format_whitelist": _NETWORK_FORMATS}
     if scheme == "rtmp":
