@@ -4,7 +4,8 @@ Several ``flashcache-stream serve`` replicas may share one Redis. Each running s
 ingested by exactly one of them, the holder of the stream's lease (store.Lease):
 
 - acquire: atomic in the store (``SET NX PX`` inside a Lua script); it increments the
-  stream's fencing counter and the lease carries that number (the fence);
+  stream's fencing counter and the lease carries that number (the fence). A new stream gets
+  its first lease in the same script that creates it, so no scan ever sees it unowned;
 - renew: one :class:`LeaseKeeper` thread per replica renews all its leases every
   ``renew_every_s`` (one pipelined round trip). A renewal that finds the lease gone or held
   by another value means the stream was taken over, stopped or deleted: the runtime stops
@@ -105,6 +106,16 @@ class LeaseKeeper:
                 self._held[stream_id] = (lease, started + self.settings.ttl_s)
             self._ensure_thread()
         return lease
+
+    def adopt(self, lease: Lease, acquired_at: float) -> None:
+        """Renew ``lease`` from now on; it was acquired (at ``acquired_at``, this keeper's
+        clock) together with its stream's creation."""
+        with self._lock:
+            self._held[lease.stream_id] = (lease, acquired_at + self.settings.ttl_s)
+        self._ensure_thread()
+
+    def now(self) -> float:
+        return self._clock()
 
     def release(self, lease: Lease) -> None:
         """Give the lease up (a peer may take the stream at once); a lost lease is left alone."""

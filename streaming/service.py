@@ -209,10 +209,10 @@ class StreamManager:
             chunking=dicts["chunking"],
             cap_tokens=config.budget.kv_cap_tokens,
         )
-        self.store.create_stream(record, self.limits.max_streams_per_tenant if tenant else 0)
-        lease = self.leases.acquire(stream_id)
-        if lease is None:  # only possible if another replica raced for a stream id nobody knew yet
-            raise RuntimeError(f"stream {stream_id}: its new lease is held elsewhere")
+        started = self.leases.now()
+        lease = self.store.create_stream(record, self.limits.max_streams_per_tenant if tenant else 0,
+                                         owner=self.replica_id, ttl_s=self.leases.settings.ttl_s)
+        self.leases.adopt(lease, started)
         self.backend.open(stream_id, config.budget)
         self.artifacts.track(stream_id, ())
         self._launch(stream_id, source, config, start_s=0.0, next_chunk=0, is_live=spec.is_live, lease=lease)

@@ -192,7 +192,8 @@ class MetadataStore(Protocol):
 
     def ping(self) -> None: ...
 
-    def create_stream(self, record: StreamRecord, max_streams_per_tenant: int = 0) -> None: ...
+    def create_stream(self, record: StreamRecord, max_streams_per_tenant: int = 0, owner: Optional[str] = None,
+                      ttl_s: float = 0.0) -> Optional[Lease]: ...
 
     def get_stream(self, stream_id: str) -> Optional[StreamRecord]: ...
 
@@ -251,8 +252,13 @@ class InMemoryStore:
     def ping(self) -> None:
         return None
 
-    def create_stream(self, record: StreamRecord, max_streams_per_tenant: int = 0) -> None:
+    def create_stream(self, record: StreamRecord, max_streams_per_tenant: int = 0, owner: Optional[str] = None,
+                      ttl_s: float = 0.0) -> Optional[Lease]:
+        """Store a new stream; with ``owner``, also its first lease in the same step (so no
+        takeover scan can see it unowned)."""
         _check_fields({"source": record.source})
+        if owner is not None:
+            _check_owner(owner)
         with self._lock:
             if record.stream_id in self._streams:
                 raise StreamExistsError(f"stream {record.stream_id!r} already exists")
@@ -265,6 +271,12 @@ class InMemoryStore:
             self._streams[record.stream_id] = copy.deepcopy(record)
             self._chunks[record.stream_id] = {}
             self._turns[record.stream_id] = {}
+            if owner is None:
+                return None
+            lease = Lease(record.stream_id, owner, 1)
+            self._fences[record.stream_id] = 1
+            self._leases[record.stream_id] = (lease.value, self._clock() + ttl_s)
+            return lease
 
     def get_stream(self, stream_id: str) -> Optional[StreamRecord]:
         with self._lock:
@@ -427,10 +439,13 @@ _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
 local limit = tonumber(ARGV[1])
 if limit > 0 and redis.call('SCARD', KEYS[3]) >= limit then return -2 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 redis.call('SADD', KEYS[2], ARGV[2])
 if ARGV[3] ~= '' then redis.call('SADD', KEYS[3], ARGV[2]) end
-return 1
+if ARGV[4] == '' then return 0 end
+local fence = redis.call('INCR', KEYS[5])
+redis.call('SET', KEYS[4], ARGV[4] .. '|' .. fence, 'PX', ARGV[5])
+return fence
 """
 _UPDATE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -615,11 +630,18 @@ class RedisStore:
     def ping(self) -> None:
         self._call(self._redis.ping)
 
-    def create_stream(self, record: StreamRecord, max_streams_per_tenant: int = 0) -> None:
+    def create_stream(self, record: StreamRecord, max_streams_per_tenant: int = 0, owner: Optional[str] = None,
+                      ttl_s: float = 0.0) -> Optional[Lease]:
+        """Store a new stream; with ``owner``, also its first lease in the same step (so no
+        takeover scan can see it unowned)."""
         _check_fields({"source": record.source})
+        if owner is not None:
+            _check_owner(owner)
         payload = [item for name, value in record.to_dict().items() for item in (name, json.dumps(value))]
-        keys = [self._key("stream", record.stream_id), self._key("streams"), self._key("tenant", record.tenant, "streams")]
-        result = self._script("create", keys, [max_streams_per_tenant, record.stream_id, record.tenant, *payload])
+        keys = [self._key("stream", record.stream_id), self._key("streams"), self._key("tenant", record.tenant, "streams"),
+                self._key("stream", record.stream_id, "lease"), self._key("stream", record.stream_id, "fence")]
+        args = [max_streams_per_tenant, record.stream_id, record.tenant, owner or "", max(1, int(ttl_s * 1000)), *payload]
+        result = self._script("create", keys, args)
         if result == -1:
             raise StreamExistsError(f"stream {record.stream_id!r} already exists")
         if result == -2:
@@ -627,6 +649,7 @@ class RedisStore:
                 f"tenant {record.tenant!r} has {max_streams_per_tenant} streams, the limit is {max_streams_per_tenant}; "
                 "delete one first"
             )
+        return Lease(record.stream_id, owner, int(result)) if owner is not None else None
 
     def get_stream(self, stream_id: str) -> Optional[StreamRecord]:
         raw = self._call(lambda: self._redis.hgetall(self._key("stream", stream_id)))

@@ -232,3 +232,11 @@ def test_api_key_file(tmp_path):
     path.write_text('{"key_id": "zz", "tenant": "acme", "secret_hash": "00"}\n')
     with pytest.raises(ValueError, match=":1: key_id"):
         load_key_file(str(path))
+
+
+def test_a_new_stream_is_owned_from_its_creation(store):
+    lease = store.create_stream(record(status="starting"), owner="replica-a", ttl_s=30)
+    assert lease.fence == 1 and store.lease_owner("st_a") == "replica-a"
+    assert store.orphaned_streams() == [] and store.acquire_lease("st_a", "replica-b", 30) is None
+    assert store.add_chunk("st_a", chunk(0), lease.fence)
+    assert store.create_stream(record("st_b")) is None and store.lease_owner("st_b") is None
