@@ -162,7 +162,11 @@ class LeaseKeeper:
             now = self._clock()
             if now >= next_renew:
                 next_renew = now + self.settings.renew_period_s
-                self.renew_now()
+                try:
+                    self.renew_now()
+                except Exception:  # e.g. a Redis error reply: keep the thread, leases expire if it persists
+                    self.renew_failures += 1
+                    logger.exception("lease renewal failed")
             if self._scan is not None and now >= next_scan:
                 next_scan = now + self.settings.scan_every_s
                 try:

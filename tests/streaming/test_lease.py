@@ -111,3 +111,35 @@ def test_shutdown_hands_streams_over_at_once(videos, redis_url, namespace):
     assert b.resume_all() == [stream_id] and b.wait(stream_id, 60)
     assert_contiguous(b.store.chunks(stream_id), 20)
     b.shutdown()
+
+
+def test_a_lease_not_renewed_within_its_ttl_counts_as_lost():
+    """Redis unreachable: this replica must assume another one owns the stream after one TTL."""
+    from flashcache_sglang.streaming.lease import LeaseKeeper
+    from flashcache_sglang.streaming.store import InMemoryStore, StoreUnavailable, StreamRecord
+
+    class FlakyStore(InMemoryStore):
+        down = False
+
+        def renew_leases(self, leases, ttl_s):
+            if self.down:
+                raise StoreUnavailable("redis down (test)")
+            return super().renew_leases(leases, ttl_s)
+
+    now = [100.0]
+    store = FlakyStore(clock=lambda: now[0])
+    store.create_stream(StreamRecord("st_a", "rtsp://cam/x", "h", status="running"))
+    lost = []
+    keeper = LeaseKeeper(store, "replica-a", LeaseSettings(ttl_s=5.0), on_lost=lambda lease, why: lost.append(why),
+                         clock=lambda: now[0])
+    keeper._ensure_thread = lambda: None  # driven by hand below
+    lease = keeper.acquire("st_a")
+    now[0] += 3.0
+    keeper.renew_now()  # renewed: valid until 108
+    store.down = True
+    now[0] += 4.9
+    keeper.renew_now()
+    assert lost == [] and keeper.held() == [lease]
+    now[0] += 0.2
+    keeper.renew_now()
+    assert lost == ["not renewed within its TTL (store unreachable)"] and keeper.held() == []
