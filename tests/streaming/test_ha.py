@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,7 @@ def deployment(redis_url, tmp_path_factory):
     if reason:
         pytest.skip(reason)
     folder = tmp_path_factory.mktemp("ha")
-    namespace = "ha-" + folder.name.replace("_", "-")
+    namespace = "ha-" + uuid.uuid4().hex[:12]  # the Redis may outlive this session
     camera = RtspServer(free_port())
     camera.start()
     keys = {
