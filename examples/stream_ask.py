@@ -1,6 +1,8 @@
 """Ask questions about a running stream, then let an SGLang frontend program write a report.
 
-    flashcache-stream serve --sglang-url http://127.0.0.1:30000 &        # the stream service
+    export FLASHCACHE_API_KEY=$(flashcache-stream keys create --tenant demo --file keys.jsonl)
+    flashcache-stream serve --sglang-url http://127.0.0.1:30000 --api-keys keys.jsonl \
+        --media-root . &                                                  # the stream service
     python examples/stream_ask.py --api http://127.0.0.1:8000 --source video.mp4 \
         --sglang-url http://127.0.0.1:30000
 
@@ -17,6 +19,7 @@ reuse the cached (compressed) memory. Questions therefore go through the service
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import requests
@@ -27,7 +30,8 @@ QUESTIONS = ["What is shown in the video so far?", "What changed most recently?"
 def start_or_attach(api: str, args: argparse.Namespace) -> tuple[str, str]:
     if args.stream_id:
         return args.stream_id, args.token
-    response = requests.post(f"{api}/streams", json={"source": args.source, "fps": 2, "budget": {"kv_cap_tokens": 4096}}, timeout=30)
+    response = requests.post(f"{api}/streams", json={"source": args.source, "fps": 2, "budget": {"kv_cap_tokens": 4096}},
+                             headers={"Authorization": f"Bearer {args.api_key}"}, timeout=30)
     response.raise_for_status()
     return response.json()["stream_id"], response.json()["token"]
 
@@ -38,11 +42,15 @@ def main() -> None:
     parser.add_argument("--source", help="video file or rtsp:// URL to start a stream from")
     parser.add_argument("--stream-id")
     parser.add_argument("--token")
+    parser.add_argument("--api-key", default=os.environ.get("FLASHCACHE_API_KEY"),
+                        help="operator API key to create the stream (default: $FLASHCACHE_API_KEY)")
     parser.add_argument("--sglang-url", help="SGLang server for the report step")
     parser.add_argument("--wait-chunks", type=int, default=2)
     args = parser.parse_args()
     if not args.source and not (args.stream_id and args.token):
         parser.error("give --source, or --stream-id and --token")
+    if args.source and not args.api_key:
+        parser.error("creating a stream needs an operator API key: --api-key or FLASHCACHE_API_KEY")
 
     api = args.api.rstrip("/")
     stream_id, token = start_or_attach(api, args)

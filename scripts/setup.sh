@@ -13,8 +13,9 @@ python="${PYTHON:-python3}"
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
-# ffmpeg: test videos; redis-server: session store; GStreamer RTSP server: RTSP tests.
-apt_packages=(ffmpeg redis-server python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-rtsp
+# ffmpeg: test videos; redis-server: session store (also TLS and, with --sentinel, Sentinel in
+# the HA tests); openssl: the TLS test's certificates; GStreamer RTSP server: RTSP tests.
+apt_packages=(ffmpeg redis-server openssl python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-rtsp
               gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
               gstreamer1.0-plugins-ugly gstreamer1.0-libav)
 

@@ -114,10 +114,10 @@ def test_store_outage_during_ingest_keeps_the_stream_running(videos):
     class FlakyStore(InMemoryStore):
         down = False
 
-        def add_chunk(self, stream_id, record):
+        def add_chunk(self, stream_id, record, fence):
             if self.down:
                 raise StoreUnavailable("redis down (test)")
-            super().add_chunk(stream_id, record)
+            return super().add_chunk(stream_id, record, fence)
 
     store = FlakyStore()
     m = StreamManager(store, InProcessMemoryBackend())

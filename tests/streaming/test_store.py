@@ -6,11 +6,21 @@ import time
 
 import pytest
 
+from flashcache_sglang.streaming.auth import (
+    Authenticator,
+    InvalidApiKey,
+    Principal,
+    key_file_line,
+    load_key_file,
+    new_api_key,
+)
 from flashcache_sglang.streaming.store import (
     InMemoryStore,
+    LeaseLost,
     RedisStore,
     StoreUnavailable,
     StreamExistsError,
+    StreamLimitReached,
     StreamRecord,
     UnknownStreamError,
     hash_token,
@@ -55,15 +65,19 @@ def test_stream_life_cycle(store):
 
 def test_chunks_are_idempotent_ordered_and_bounded(store):
     store.create_stream(record())
-    for index in [0, 1, 2, 2, 3]:
-        store.add_chunk("st_a", chunk(index))
+    fence = store.acquire_lease("st_a", "replica-1", 30).fence
+    assert [store.add_chunk("st_a", chunk(index), fence) for index in [0, 1, 2, 2, 3]] == [True, True, True, False, True]
     assert [c.index for c in store.chunks("st_a")] == [0, 1, 2, 3]
     assert [c.index for c in store.chunks("st_a", start=2)] == [2, 3]
+    got = store.get_stream("st_a")
+    assert (got.last_chunk_index, got.chunks_ingested, got.last_chunk_end_s) == (3, 4, chunk(3).end_s)
+    with pytest.raises(ValueError, match="gap"):
+        store.add_chunk("st_a", chunk(5), fence)
     for index in range(4, 12):
-        store.add_chunk("st_a", chunk(index))
+        store.add_chunk("st_a", chunk(index), fence)
     assert [c.index for c in store.chunks("st_a")] == [7, 8, 9, 10, 11]
     with pytest.raises(UnknownStreamError):
-        store.add_chunk("st_missing", chunk(0))
+        store.add_chunk("st_missing", chunk(0), fence)
 
 
 def test_conversations_are_separate(store):
@@ -123,3 +137,106 @@ def test_unreachable_redis_fails_clearly_at_start():
 def test_bad_namespace_is_refused(redis_url):
     with pytest.raises(ValueError, match="namespace"):
         RedisStore(redis_url, namespace="a:b")
+
+
+def test_leases_and_fencing(store):
+    store.create_stream(record(status="running"))
+    with pytest.raises(UnknownStreamError):
+        store.acquire_lease("st_missing", "a", 1)
+    assert store.orphaned_streams() == ["st_a"]
+    first = store.acquire_lease("st_a", "replica-a", 0.4)
+    assert first.fence == 1 and store.lease_owner("st_a") == "replica-a" and store.orphaned_streams() == []
+    assert store.acquire_lease("st_a", "replica-b", 0.4) is None
+    assert store.renew_leases([first], 0.4) == [True]
+    assert store.add_chunk("st_a", chunk(0), first.fence)
+    time.sleep(0.5)  # replica-a stops renewing (paused, partitioned, dead): its lease expires
+    assert store.orphaned_streams() == ["st_a"]
+    second = store.acquire_lease("st_a", "replica-b", 30)
+    assert second.fence == 2 and store.lease_owner("st_a") == "replica-b"
+    # The old holder can neither renew nor write, even though it never heard of the takeover.
+    assert store.renew_leases([first, second], 30) == [False, True]
+    with pytest.raises(LeaseLost):
+        store.add_chunk("st_a", chunk(1), first.fence)
+    with pytest.raises(LeaseLost):
+        store.update_stream("st_a", fence=first.fence, status="failed")
+    assert not store.release_lease(first) and store.lease_owner("st_a") == "replica-b"
+    assert store.add_chunk("st_a", chunk(1), second.fence)
+    store.update_stream("st_a", fence=second.fence, status="reconnecting")
+    assert (store.get_stream("st_a").status, store.get_stream("st_a").last_chunk_index) == ("reconnecting", 1)
+    # Revoking (a stop from any replica) fences the holder out and sets the fields at once.
+    store.revoke_lease("st_a", status="stopped")
+    assert store.lease_owner("st_a") is None and store.get_stream("st_a").status == "stopped"
+    with pytest.raises(LeaseLost):
+        store.add_chunk("st_a", chunk(2), second.fence)
+    assert store.orphaned_streams() == []  # stopped streams are not taken over
+    third = store.acquire_lease("st_a", "replica-a", 30)
+    assert third.fence == 4 and store.release_lease(third) and store.lease_owner("st_a") is None
+    with pytest.raises(UnknownStreamError):
+        store.revoke_lease("st_missing", status="stopped")
+
+
+def test_delete_forgets_the_lease(store):
+    store.create_stream(record(status="running"))
+    lease = store.acquire_lease("st_a", "a", 30)
+    store.delete_stream("st_a")
+    assert store.lease_owner("st_a") is None and store.renew_leases([lease], 30) == [False]
+    with pytest.raises(UnknownStreamError):
+        store.add_chunk("st_a", chunk(0), lease.fence)
+    store.create_stream(record(status="running"))  # the same id again starts from fence 1
+    assert store.acquire_lease("st_a", "a", 30).fence == 1
+
+
+def test_tenants_and_stream_limit(store):
+    store.create_stream(record("st_1", tenant="acme"), max_streams_per_tenant=2)
+    store.create_stream(record("st_2", tenant="acme"), max_streams_per_tenant=2)
+    with pytest.raises(StreamLimitReached, match="limit is 2"):
+        store.create_stream(record("st_3", tenant="acme"), max_streams_per_tenant=2)
+    store.create_stream(record("st_4", tenant="globex"), max_streams_per_tenant=2)
+    assert [r.stream_id for r in store.list_streams(tenant="acme")] == ["st_1", "st_2"]
+    assert [r.stream_id for r in store.list_streams(tenant="globex")] == ["st_4"]
+    assert len(store.list_streams()) == 3 and store.get_stream("st_3") is None
+    store.delete_stream("st_1")
+    store.create_stream(record("st_3", tenant="acme"), max_streams_per_tenant=2)
+    assert [r.stream_id for r in store.list_streams(tenant="acme")] == ["st_2", "st_3"]
+
+
+def test_api_keys_are_stored_hashed(store):
+    key, stored = new_api_key("acme", label="ops laptop")
+    store.add_api_key(stored)
+    assert store.get_api_key(stored.key_id) == stored and key.split("_", 2)[2] not in str(stored)
+    assert Authenticator(store).authenticate(key) == Principal("acme", stored.key_id)
+    assert [k.key_id for k in store.list_api_keys("acme")] == [stored.key_id] and store.list_api_keys("globex") == []
+    with pytest.raises(InvalidApiKey):
+        Authenticator(store).authenticate(key[:-2] + "xx")
+    assert store.delete_api_key(stored.key_id) and not store.delete_api_key(stored.key_id)
+    with pytest.raises(InvalidApiKey):
+        Authenticator(store).authenticate(key)
+
+
+def test_ask_token_bucket(store):
+    store.create_stream(record())
+    waits = [store.take_ask_token("st_a", 5.0, 2) for _ in range(3)]
+    assert waits[:2] == [0.0, 0.0] and 0.1 <= waits[2] <= 0.21
+    time.sleep(waits[2] + 0.02)
+    assert store.take_ask_token("st_a", 5.0, 2) == 0.0
+
+
+def test_api_key_file(tmp_path):
+    key, stored = new_api_key("acme")
+    path = tmp_path / "keys.jsonl"
+    path.write_text("# operator keys\n" + key_file_line(stored) + "\n")
+    assert Authenticator(InMemoryStore(), str(path)).authenticate(key).tenant == "acme"
+    path.write_text(key + "\n")
+    with pytest.raises(ValueError, match="plaintext API key"):
+        load_key_file(str(path))
+    path.write_text('{"key_id": "zz", "tenant": "acme", "secret_hash": "00"}\n')
+    with pytest.raises(ValueError, match=":1: key_id"):
+        load_key_file(str(path))
+
+
+def test_a_new_stream_is_owned_from_its_creation(store):
+    lease = store.create_stream(record(status="starting"), owner="replica-a", ttl_s=30)
+    assert lease.fence == 1 and store.lease_owner("st_a") == "replica-a"
+    assert store.orphaned_streams() == [] and store.acquire_lease("st_a", "replica-b", 30) is None
+    assert store.add_chunk("st_a", chunk(0), lease.fence)
+    assert store.create_stream(record("st_b")) is None and store.lease_owner("st_b") is None
