@@ -619,7 +619,9 @@ def video_body(videos: Sequence[str], suffix: str = "") -> dict[str, Any]:
     """A Qwen2.5-VL ChatML prompt holding ``videos`` (the stream backend's template) + ``suffix``."""
     from flashcache_sglang.streaming.sglang_backend import PromptTemplate
 
-    return {"text": PromptTemplate().memory_prompt(len(videos)) + suffix, "video_data": list(videos)}
+    template = PromptTemplate()
+    text = template.header.format(system=template.system) + template.video * len(videos) + suffix
+    return {"text": text, "video_data": list(videos)}
 
 
 def run_video_shared_prefix(ctx: WorkloadContext) -> dict[str, Any]:

@@ -96,7 +96,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     server.start()
     try:
         for count in sorted(set(args.counts)):
-            body = {"text": template.memory_prompt(count), "video_data": paths[:count],
+            body = {"text": template.header.format(system=template.system) + template.video * count,
+                    "video_data": paths[:count],
                     "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}}
             first = requests.post(f"{server.url}/generate", json=body, timeout=600).json()["meta_info"]
             offset = server.log_path.stat().st_size

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from .config import FlashCacheConfig
-from .kernels import score_span
+from .kernels import copy_slots, score_span, select_kept
+from .kernels.rotary import rerotate_slots
 from .policies import FlashCachePolicy, KVSpan, make_policy
 
 SENTINEL_SLOT = 0
@@ -73,22 +74,45 @@ def candidate_positions(
     return mask.nonzero().flatten()
 
 
-class RowCompressor:
-    """Scores candidates on the pool's KV and frees the dropped slots.
+class CompressionController:
+    """Scores candidates on the pool's KV, selects, frees, and moves kept KV (stream re-basing).
+
+    The FlashCache family runs as a device pipeline on the pool itself: deviation and energy
+    straight from the per-layer buffers through the slot indices (``kernels.score_span``: the
+    Triton kernel on GPU, its reference on CPU; no gathered copy of the candidates' K/V), the
+    layers combined into one ranking on the device, and the top ``num_keep`` chosen by the
+    selection kernel (``kernels.select_kept``). Host synchronisations per compressed request:
+    one (the dropped count, read when the allocator is handed the dropped slots). Baseline
+    policies (KNorm, Random, ...) gather the candidates' K/V and run the policy's own hooks.
 
     Args:
         kv_pool: SGLang's KV pool (``get_key_buffer(layer_id)`` / ``get_value_buffer``, each
             ``[num_slots + page_size, num_kv_heads, head_dim]``) with ``start_layer`` and
             ``layer_num``.
         free_slots: the allocator's ``free`` (``[n] int64`` slots).
+        rotary: callable returning the model's RotarySpec (for re-basing stream memories), or
+            None when the model's rotary embedding is not a table rotation.
     """
 
-    def __init__(self, kv_pool, free_slots) -> None:
+    def __init__(self, kv_pool, free_slots, rotary=None) -> None:
         self.kv_pool = kv_pool
         self.free_slots = free_slots
+        self.rotary = rotary
 
-    def _policy(self, config: FlashCacheConfig):
-        kwargs = {"retention": config.retention}
+    # ------------------------------------------------------------------ buffers
+    def _layers(self):
+        pool = self.kv_pool
+        return range(pool.start_layer, pool.start_layer + pool.layer_num)
+
+    def key_buffers(self) -> list[torch.Tensor]:
+        return [self.kv_pool.get_key_buffer(layer) for layer in self._layers()]
+
+    def value_buffers(self) -> list[torch.Tensor]:
+        return [self.kv_pool.get_value_buffer(layer) for layer in self._layers()]
+
+    @staticmethod
+    def policy(config: FlashCacheConfig, retention: float | None = None):
+        kwargs = {"retention": min(max(retention if retention is not None else config.retention, 1e-6), 1.0)}
         if config.policy.startswith("flashcache"):
             kwargs["gamma"] = config.gamma
         policy = make_policy(config.policy, **kwargs)
@@ -99,34 +123,42 @@ class RowCompressor:
             )
         return policy
 
-    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of ``slots`` for every layer: two ``[num_layers, n, num_kv_heads, head_dim]``."""
-        pool = self.kv_pool
-        layers = range(pool.start_layer, pool.start_layer + pool.layer_num)
-        keys = torch.stack([pool.get_key_buffer(layer)[slots] for layer in layers])
-        values = torch.stack([pool.get_value_buffer(layer)[slots] for layer in layers])
-        return keys, values
+    # ------------------------------------------------------------------ scoring
+    def shared_scores(self, slots: torch.Tensor, config: FlashCacheConfig) -> torch.Tensor:
+        """One importance score per candidate (higher = keep), for the one token set a request
+        keeps across all layers and heads.
 
-    def keep_mask(self, slots: torch.Tensor, num_keep: int, config: FlashCacheConfig) -> torch.Tensor:
-        """Which of ``slots`` ([n] int64, position order) to keep: exactly ``num_keep``, bool [n]."""
+        Args:
+            slots: ``[n]`` int64 slots of the candidates in position order, on the pool's device.
+        Returns:
+            ``[n]`` float32 on the pool's device.
+        """
+        policy = self.policy(config)
+        if isinstance(policy, FlashCachePolicy):
+            scores = score_span(self.key_buffers(), self.value_buffers(), slots, policy.gamma)
+            return _flashcache_shared(scores, policy)
+        keys = torch.stack([buffer[slots] for buffer in self.key_buffers()])
+        values = torch.stack([buffer[slots] for buffer in self.value_buffers()])
+        span = KVSpan(keys=keys, values=values,
+                      candidate_mask=torch.ones(slots.numel(), dtype=torch.bool, device=keys.device))
+        raw = torch.broadcast_to(policy.score(span).to(torch.float32),
+                                 (span.num_layers, span.num_kv_heads, span.num_tokens))
+        return policy.combine_layers(policy.reduce_heads(raw, span), span).to(torch.float32)
+
+    def keep_mask(self, slots: torch.Tensor, num_keep: int, config: FlashCacheConfig,
+                  protected: torch.Tensor | None = None) -> torch.Tensor:
+        """Which of ``slots`` ([n] int64, position order) to keep: exactly ``num_keep``, bool [n]
+        (``protected`` [n] bool are kept first)."""
         count = int(slots.numel())
         if num_keep >= count:
             return torch.ones(count, dtype=torch.bool, device=slots.device)
-        if num_keep <= 0:
+        if num_keep <= 0 and protected is None:
             return torch.zeros(count, dtype=torch.bool, device=slots.device)
-        keys, values = self.gather(slots)
-        span = KVSpan(keys=keys, values=values,
-                      candidate_mask=torch.ones(count, dtype=torch.bool, device=keys.device))
-        policy = self._policy(config if num_keep == round(config.retention * count)
-                              else _with_retention(config, num_keep / count))
-        if isinstance(policy, FlashCachePolicy):
-            # Score straight from the pool: the Triton kernel on GPU, the reference on CPU.
-            pool = self.kv_pool
-            layers = range(pool.start_layer, pool.start_layer + pool.layer_num)
-            policy.use_scores(span, score_span([pool.get_key_buffer(layer) for layer in layers],
-                                               [pool.get_value_buffer(layer) for layer in layers],
-                                               slots, policy.gamma))
-        return policy.select(span).shared_mask().to(slots.device)
+        scores = self.shared_scores(slots, config)
+        kept = select_kept(scores, int(num_keep), protected)
+        mask = torch.zeros(count, dtype=torch.bool, device=slots.device)
+        mask[kept] = True
+        return mask
 
     def compress(self, row: torch.Tensor, positions: torch.Tensor, config: FlashCacheConfig) -> RowCompression:
         """Drop the low-deviation candidates at ``positions`` of ``row`` (edited in place)."""
@@ -136,16 +168,63 @@ class RowCompressor:
             return RowCompression(num_candidates, num_candidates, empty)
         positions = positions.to(row.device)
         slots = row[positions].to(torch.int64)
-        if bool((slots == SENTINEL_SLOT).any()):
+        if _debug() and bool((slots == SENTINEL_SLOT).any()):
             raise RuntimeError("compressing a row position that is already dropped: double compression")
-        keep = self.keep_mask(slots, round(config.retention * num_candidates), config)
+        num_keep = round(config.retention * num_candidates)
+        keep = self.keep_mask(slots, num_keep, config)
         dropped = positions[~keep]
         self.free_slots(slots[~keep])
         row[dropped] = SENTINEL_SLOT
-        return RowCompression(num_candidates, int(keep.sum()), dropped.cpu())
+        return RowCompression(num_candidates, num_keep, dropped.cpu())
+
+    # ------------------------------------------------------------------ moving kept KV
+    def move_slots(self, source: torch.Tensor, destination: torch.Tensor,
+                   old_positions: torch.Tensor, new_positions: torch.Tensor) -> int:
+        """Put the KV of ``source`` slots into ``destination`` slots at new positions.
+
+        Values are copied; keys are copied and re-rotated from ``old_positions`` to
+        ``new_positions`` (``[n]`` or ``[3, n]``) with the model's rotary table, so a re-based
+        memory attends exactly as if its tokens had been cached at their new positions. A slot
+        may be its own destination (rotated in place). Returns how many keys were re-rotated.
+        """
+        if source.numel() == 0:
+            return 0
+        source, destination = source.long(), destination.long()
+        copy = source != destination
+        if bool(copy.any()):
+            copy_slots(self.key_buffers(), self.value_buffers(), source[copy], destination[copy])
+        moved = (old_positions != new_positions)
+        if moved.dim() == 2:
+            moved = moved.any(dim=0)
+        moved = moved.to(destination.device)
+        count = int(moved.sum())
+        if count:
+            if self.rotary is None:
+                raise RuntimeError("re-basing a stream memory needs the model's rotary table, which this "
+                                   "model does not expose (see upstream.rotary_spec_of)")
+            spec = self.rotary()
+            select = moved.nonzero().flatten()
+            rerotate_slots(self.key_buffers(), destination[select],
+                           old_positions[..., select.cpu()].to(destination.device),
+                           new_positions[..., select.cpu()].to(destination.device), spec)
+        return count
 
 
-def _with_retention(config: FlashCacheConfig, retention: float) -> FlashCacheConfig:
-    import dataclasses
+def _flashcache_shared(scores, policy: FlashCachePolicy) -> torch.Tensor:
+    """FlashCache's shared-set ranking from pool-direct scores (device ops only): each layer's
+    deviation normalised by its mean, layers weighted by high-frequency energy (DBA's signal)
+    or uniformly without DBA."""
+    layer = scores.deviation.mean(dim=1)  # [L, N]
+    normalised = layer / layer.mean(dim=-1, keepdim=True).clamp_min(1e-30)
+    if getattr(policy, "dba", False):
+        weights = scores.high_freq_ratio.to(normalised.device, torch.float32)
+        weights = weights / weights.sum().clamp_min(1e-12)
+    else:
+        weights = torch.full((layer.shape[0],), 1.0 / layer.shape[0], device=normalised.device)
+    return (weights[:, None] * normalised).sum(dim=0).to(torch.float32)
 
-    return dataclasses.replace(config, retention=min(max(retention, 1e-6), 1.0))
+
+def _debug() -> bool:
+    import os
+
+    return os.environ.get("FLASHCACHE_DEBUG") == "1"

@@ -48,7 +48,9 @@ def make_radix_cache(ctx):
     allocator = ctx.params.token_to_kv_pool_allocator
     kv_pool = allocator.get_kvcache()
     stats = CompressionStats()
-    cache = CompressedRadixCache(ctx.params, config, kv_pool=kv_pool, stats=stats)
+    rotary = _rotary_provider(ctx)
+    cache = CompressedRadixCache(ctx.params, config, kv_pool=kv_pool, stats=stats, rotary=rotary,
+                                 multimodal_positions=upstream.model_uses_mrope(ctx))
     stats.probe = lambda: {
         "allocator_available": int(allocator.available_size()),
         "allocator_size": int(allocator.size),
@@ -64,6 +66,23 @@ def make_radix_cache(ctx):
         config.recent_tokens, config.min_candidates,
     )
     return cache
+
+
+def _rotary_provider(ctx):
+    """A callable returning the model's RotarySpec (re-read each time: SGLang may grow its table),
+    or None when the model has no supported rotary embedding (stream appends are then refused)."""
+    from . import upstream
+
+    module = upstream.find_rotary_embedding(upstream.context_model(ctx))
+    if module is None:
+        logger.warning("flashcache: no rotary embedding found in the model; stream memories are disabled")
+        return None
+    try:
+        upstream.rotary_spec_of(module)
+    except upstream.UnsupportedRotaryError as error:
+        logger.warning("flashcache: %s; stream memories are disabled", error)
+        return None
+    return lambda: upstream.rotary_spec_of(module)
 
 
 def _note_forward_rows(forward_batch, schedule_batch, model_runner) -> None:
@@ -88,3 +107,6 @@ def load() -> None:
     upstream.wrap_attention_backends(PhysicalKVAttention, WRAPPED_ATTENTION_BACKENDS)
     upstream.install_forward_batch_hook(_note_forward_rows)
     upstream.install_admission_hook()
+    from .stream_memory import SESSION_PREFIX
+
+    upstream.install_request_hooks(SESSION_PREFIX)

@@ -41,7 +41,7 @@ import torch
 from sglang.srt.layers.attention import attention_registry
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache import registry as radix_registry
-from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult, MatchPrefixParams
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult, InsertParams, MatchPrefixParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
 SGLANG_VERSION = "0.5.23"
@@ -123,6 +123,42 @@ def check_upstream() -> list[str]:
         problems.append("MultimodalDataItem has no 'offsets'")
     problems += _check_graph_contract()
     problems += _check_rotary_classes()
+    problems += _check_stream_hooks()
+    return problems
+
+
+def _check_stream_hooks() -> list[str]:
+    """What the stream memories rely on (install_request_hooks and its helpers)."""
+    problems: list[str] = []
+    from sglang.srt.managers.schedule_batch import MultimodalInputs, Req
+    from sglang.srt.managers.scheduler import Scheduler
+    from sglang.srt.mem_cache.base_prefix_cache import BasePrefixCache
+
+    for name, expected in (("_create_generation_req", ["self", "recv_req"]),
+                           ("_add_request_to_queue", ["self", "req"]),
+                           ("close_session", ["self", "recv_req"])):
+        method = getattr(Scheduler, name, None)
+        method = getattr(method, "__wrapped__", method)
+        if method is None:
+            problems.append(f"Scheduler.{name} is gone (stream memories)")
+        elif list(inspect.signature(method).parameters)[:2] != expected:
+            problems.append(f"Scheduler.{name} no longer starts with {tuple(expected)} (stream memories)")
+    handle = inspect.getsource(Scheduler._handle_generate_request)
+    order = [handle.find(needle) for needle in ("self._create_generation_req(", "adjust_mm_offsets(",
+                                                "_try_apply_padded_mm_input_ids(", "_maybe_compute_mrope_positions(",
+                                                "validate_input_length(")]
+    if -1 in order or order != sorted(order):
+        problems.append("Scheduler._handle_generate_request no longer creates the Req before it shifts media "
+                        "offsets, pads, computes M-RoPE positions and checks the length (stream memories prepend there)")
+    abort = inspect.signature(Req.set_finish_with_abort).parameters
+    if not {"error_msg", "status_code", "err_type"} <= set(abort):
+        problems.append("Req.set_finish_with_abort(error_msg, status_code, err_type) changed (request errors)")
+    fields = {f.name for f in dataclasses.fields(MultimodalInputs)}
+    for field_name in ("mm_items", "mrope_positions", "mrope_position_delta", "mrope_position_delta_repeated_cache"):
+        if field_name not in fields:
+            problems.append(f"MultimodalInputs has no {field_name!r} (stream positions)")
+    if not callable(getattr(BasePrefixCache, "release_aborted_request", None)):
+        problems.append("BasePrefixCache.release_aborted_request is gone (requests aborted while waiting)")
     return problems
 
 
@@ -280,6 +316,38 @@ def build_context_facts(ctx) -> dict[str, bool]:
     }
 
 
+def context_model(ctx):
+    """The scheduler's model (``tp_worker.model_runner.model``), or None in simulations."""
+    runner = ctx.tp_worker.model_runner if ctx.tp_worker is not None else None
+    return getattr(runner, "model", None)
+
+
+def model_uses_mrope(ctx) -> bool:
+    return bool(getattr(ctx.model_config, "is_mrope_enabled", False) or getattr(ctx.model_config, "model_is_mrope", False))
+
+
+_AUTO_BOS: dict[int, Optional[int]] = {}
+
+
+def auto_bos_token_id(tokenizer) -> Optional[int]:
+    """The BOS id the tokenizer adds to every encoded text by itself (Llama-3 style), else None.
+
+    A stream request's own prompt is tokenized alone, so such a BOS would land in the middle of
+    the memory; it is stripped (a BOS the client wrote into its text is indistinguishable and is
+    stripped too, as SGLang's session turns do)."""
+    if tokenizer is None:
+        return None
+    key = id(tokenizer)
+    if key not in _AUTO_BOS:
+        bos = getattr(tokenizer, "bos_token_id", None)
+        try:
+            ids = tokenizer.encode("a")
+        except Exception:  # a tokenizer that cannot encode plain text adds nothing we can see
+            ids = []
+        _AUTO_BOS[key] = bos if bos is not None and ids and ids[0] == bos else None
+    return _AUTO_BOS[key]
+
+
 def context_attention_backends(ctx) -> list:
     """The attention backend objects the scheduler's model runner uses (a hybrid's children too)."""
     runner = ctx.tp_worker.model_runner if ctx.tp_worker is not None else None
@@ -407,22 +475,24 @@ def with_extra_key(params: MatchPrefixParams, extra_key: Optional[str]) -> Match
     return dataclasses.replace(params, key=new_key)
 
 
-def report_to_request(req, *, candidates: int, kept: int, prompt_tokens: int, prompt_kv_slots: int,
-                      media_kv_slots: int, capped_kv_slots: Optional[int] = None) -> None:
-    """Per-request numbers, returned to the client in meta_info["flashcache"].
+def report_to_request(req, **numbers: Any) -> None:
+    """Per-request numbers, returned to the client in ``meta_info["flashcache"][0]``.
 
-    ``prompt_tokens`` is logical; ``prompt_kv_slots`` the KV slots the prompt really holds after
-    compression (a reused compressed prefix included), ``media_kv_slots`` those of them that are
-    image/video tokens; ``candidate_tokens`` / ``kept_tokens`` describe what this request
-    compressed itself (0 / 0 when its candidates came from the cache). With a memory cap,
-    ``capped_kv_slots`` is what the cap counts (media tokens and their delimiters).
+    Called more than once per request (settings at creation, compression numbers after the
+    prefill); each call adds to the same entry. Keys used by the cache: ``settings`` (what the
+    request ran with), ``prompt_tokens`` (logical), ``prompt_kv_slots`` (KV slots the prompt
+    really holds after compression, a reused compressed prefix included), ``media_kv_slots``
+    (those of them that are image/video tokens), ``candidate_tokens`` / ``kept_tokens`` (what
+    this request compressed itself), ``stream`` (a stream memory's state after the request).
     """
     info = req.customized_info if req.customized_info is not None else {}
-    info["flashcache"] = [{"prompt_tokens": prompt_tokens, "prompt_kv_slots": prompt_kv_slots,
-                           "media_kv_slots": media_kv_slots,
-                           "candidate_tokens": candidates, "kept_tokens": kept}]
-    if capped_kv_slots is not None:
-        info["flashcache"][0]["capped_kv_slots"] = capped_kv_slots
+    entries = info.get("flashcache")
+    entry = entries[0] if isinstance(entries, list) and entries and isinstance(entries[0], dict) else {}
+    renamed = {"candidates": "candidate_tokens", "kept": "kept_tokens"}
+    for key, value in numbers.items():
+        if value is not None:
+            entry[renamed.get(key, key)] = value
+    info["flashcache"] = [entry]
     req.customized_info = info
 
 
@@ -485,6 +555,12 @@ def rotary_spec_of(rotary_emb):
 
 
 def find_rotary_embedding(model):
+    if model is None:
+        return None
+    return _find_rotary_embedding(model)
+
+
+def _find_rotary_embedding(model):
     """The first rotary embedding module of ``model`` (all layers share one table in SGLang's
     dense models), or None."""
     from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding
@@ -493,3 +569,146 @@ def find_rotary_embedding(model):
         if isinstance(module, RotaryEmbedding) or type(module).__name__.endswith("RotaryEmbedding"):
             return module
     return None
+
+
+# ------------------------------------------------------------------ requests (stream memories)
+def request_input_ids(req):
+    """The request's prompt token ids (SGLang's ``origin_input_ids``, an ``array('q')``)."""
+    return req.origin_input_ids
+
+
+def set_request_input_ids(req, token_ids) -> None:
+    """Replace a just-created request's prompt (before padding, positions and length checks run:
+    SGLang's session turns prepend their history the same way)."""
+    from array import array
+
+    ids = token_ids if isinstance(token_ids, array) else array("q", token_ids)
+    req.origin_input_ids = ids
+    req.origin_input_ids_unpadded = array("q", ids)
+
+
+def request_finished(req) -> bool:
+    return bool(req.finished()) or req.to_finish is not None
+
+
+def abort_request(req, message: str, status: int = 400) -> None:
+    """Finish a just-created request with an error; the client gets ``status`` and ``message``."""
+    from http import HTTPStatus
+
+    names = {400: "BadRequestError", 404: "NotFoundError", 409: "ConflictError", 503: "ServiceUnavailableError"}
+    req.set_finish_with_abort(message, status_code=HTTPStatus(status), err_type=names.get(status, "BadRequestError"))
+
+
+def set_stream_namespace(req, namespace: str) -> None:
+    """A stream request matches exactly its memory version's path: its radix namespace is the
+    version's (a client extra_key or cache_salt would keep it off that path)."""
+    req.extra_key = namespace
+    req.cache_salt = None
+
+
+def set_cache_protected_len(req, length: int) -> None:
+    """Mark ``[0, length)`` of the request's row as not the request's to free (the cache took
+    or freed those slots itself)."""
+    req.kv.cache_protected_len = int(length)
+
+
+def radix_key(token_ids, extra_key: str) -> RadixKey:
+    return RadixKey(token_ids, extra_key)
+
+
+def attach_weakref_release(req, callback: Callable[[str], None]) -> None:
+    """Call ``callback(rid)`` when the request object is garbage collected: the safety net for a
+    request that leaves the scheduler by a path that releases nothing in the cache."""
+    import weakref
+
+    weakref.finalize(req, callback, req.rid)
+
+
+def request_mrope_positions(req) -> torch.Tensor:
+    """``[3, num_tokens]`` M-RoPE positions of the request's prompt."""
+    inputs = req.multimodal_inputs
+    if inputs is None or inputs.mrope_positions is None:
+        raise RuntimeError(f"request {req.rid} has no M-RoPE positions")
+    return inputs.mrope_positions
+
+
+def continue_mrope_positions(req, memory_len: int, memory_positions: torch.Tensor, next_position: int) -> None:
+    """Give a stream request M-RoPE positions that continue its memory.
+
+    The tokenizer computed the positions of the request's own prompt (a chunk, or a question)
+    from 0; the memory's tokens are already cached, so only their count matters to SGLang's
+    slicing (``mrope_positions[:, prefix : prefix + extend]``). The request's own positions move
+    to start at the memory's next position, and ``mrope_position_delta`` makes decode continue
+    from there. A text-only request gets an item-less MultimodalInputs carrying the positions.
+    Idempotent (a retracted request is queued again).
+    """
+    from sglang.srt.managers.schedule_batch import MultimodalInputs
+
+    if getattr(req, "_flashcache_positions", False):
+        return
+    total = len(req.origin_input_ids)
+    own = total - memory_len
+    inputs = req.multimodal_inputs
+    local = None if inputs is None else inputs.mrope_positions
+    if local is None:
+        local = torch.arange(own, dtype=torch.int64).expand(3, -1)
+    elif local.shape[1] != own:
+        raise RuntimeError(f"request {req.rid}: {local.shape[1]} M-RoPE positions for {own} own tokens")
+    full = torch.cat([memory_positions.to(local.device, torch.int64), local.to(torch.int64) + next_position], dim=1)
+    if inputs is None:
+        inputs = MultimodalInputs(mm_items=[])
+        req.multimodal_inputs = inputs
+    inputs.mrope_positions = full
+    inputs.mrope_position_delta = (full.max() + 1 - total).reshape(1, 1)
+    inputs.mrope_position_delta_repeated_cache = None
+    req._flashcache_positions = True
+
+
+def install_request_hooks(session_prefix: str) -> bool:
+    """Let the tree cache see every request the scheduler creates and queues, and close stream
+    memories through SGLang's own /close_session.
+
+    - ``Scheduler._create_generation_req`` (SGLang's extension point for request-local state):
+      after the Req exists, ``tree_cache.on_request_created(req)`` validates its flashcache
+      settings and may prepend a stream memory (before padding, offsets, M-RoPE and length
+      checks, which then see the whole prompt, as for SGLang's own session turns);
+    - ``Scheduler._add_request_to_queue``: ``tree_cache.on_request_queued(req)`` once its
+      multimodal inputs are merged (stream positions);
+    - ``Scheduler.close_session``: a session id starting with ``session_prefix`` closes that
+      stream memory instead of an SGLang session.
+    Returns False if already installed.
+    """
+    from sglang.srt.managers.scheduler import Scheduler
+
+    if getattr(Scheduler._create_generation_req, "_flashcache_hook", False):
+        return False
+    create, queue, close = Scheduler._create_generation_req, Scheduler._add_request_to_queue, Scheduler.close_session
+
+    def _create_generation_req(self, recv_req, *args, **kwargs):
+        req = create(self, recv_req, *args, **kwargs)
+        hook = getattr(self.tree_cache, "on_request_created", None)
+        if hook is not None and req.to_finish is None:
+            hook(req, auto_bos_token_id(getattr(self, "tokenizer", None)))
+        return req
+
+    def _add_request_to_queue(self, req, *args, **kwargs):
+        hook = getattr(self.tree_cache, "on_request_queued", None)
+        if hook is not None:
+            hook(req)
+        return queue(self, req, *args, **kwargs)
+
+    def close_session(self, recv_req):
+        session_id = recv_req.session_id or ""
+        closer = getattr(self.tree_cache, "close_stream", None)
+        if closer is not None and session_id.startswith(session_prefix):
+            closer(session_id[len(session_prefix):])
+            return None
+        return close(self, recv_req)
+
+    for wrapper, original in ((_create_generation_req, create), (_add_request_to_queue, queue), (close_session, close)):
+        wrapper._flashcache_hook = True
+        wrapper.__wrapped__ = original
+    Scheduler._create_generation_req = _create_generation_req
+    Scheduler._add_request_to_queue = _add_request_to_queue
+    Scheduler.close_session = close_session
+    return True

@@ -24,6 +24,7 @@ from .api import (
     FlashInferIndices,
     build_flashinfer_indices,
     compact_kept,
+    copy_slots,
     score_span,
     select_kept,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "FlashInferIndices",
     "build_flashinfer_indices",
     "compact_kept",
+    "copy_slots",
     "score_span",
     "select_kept",
 ]

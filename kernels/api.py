@@ -253,6 +253,35 @@ def _check_paged_region(
         raise ValueError("new_pages overlap the region's own pages")
 
 
+def copy_slots(
+    k_buffers: Sequence[torch.Tensor],
+    v_buffers: Sequence[torch.Tensor],
+    source_slots: torch.Tensor,
+    destination_slots: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> None:
+    """Copy the K and V of ``source_slots`` into ``destination_slots`` in every layer (one launch).
+
+    Args:
+        k_buffers, v_buffers: per layer ``[num_slots, num_kv_heads, head_dim]``.
+        source_slots / destination_slots: ``[n]`` torch.int32 / torch.int64 on the pool's device;
+            destinations distinct and disjoint from the sources.
+    """
+    layout = check_kv_buffers(k_buffers, v_buffers)
+    check_index_tensor(source_slots, "source_slots", layout.device)
+    check_index_tensor(destination_slots, "destination_slots", layout.device)
+    if source_slots.numel() != destination_slots.numel():
+        raise ValueError(f"source_slots has {source_slots.numel()} entries, destination_slots "
+                         f"{destination_slots.numel()}")
+    if source_slots.numel() == 0:
+        return
+    if resolve_backend(backend, layout.device) == "triton":
+        copy_slots_triton(k_buffers, v_buffers, source_slots.long(), destination_slots.long(), layout.slot_stride)
+    else:
+        copy_slots_reference(k_buffers, v_buffers, source_slots.long(), destination_slots.long())
+
+
 @dataclass(frozen=True)
 class FlashInferIndices:
     """FlashInfer's paged-KV description of a batch (all torch.int32).

@@ -48,7 +48,9 @@ class BudgetSettings:
     """Per-stream budget settings.
 
     Attributes:
-        kv_cap_tokens: most KV tokens a stream's memory keeps (default 8192).
+        kv_cap_tokens: most KV slots of dropable tokens a stream's memory keeps: visual tokens
+            and their delimiters; the prompt header and the first chunk (the sink) are not
+            counted. The server enforces it and reports the same count (default 8192).
         base_retention: retention of a chunk with average outlier energy (default 0.3).
         min_retention / max_retention: clamp of a chunk's retention (defaults 0.05 / 1.0).
         energy_exponent: how strongly retention follows energy; 0 gives a fixed retention
@@ -61,6 +63,9 @@ class BudgetSettings:
         age_decay: per-chunk age factor on the re-scoring of older memory, in (0, 1]; below 1
             older chunks give up tokens first (default 0.97).
         min_tokens_per_chunk: a chunk shrunk below this many tokens is evicted (default 4).
+        footprint_s: the server keeps at least the best visual token of every segment of this
+            many seconds of stream time (segments widen when there are more than cap / 4 of
+            them) (default 60).
     """
 
     kv_cap_tokens: int = 8192
@@ -73,6 +78,7 @@ class BudgetSettings:
     shrink_to: float = 0.85
     age_decay: float = 0.97
     min_tokens_per_chunk: int = 4
+    footprint_s: float = 60.0
 
     def __post_init__(self) -> None:
         def check(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
@@ -90,6 +96,8 @@ class BudgetSettings:
         check("energy_smoothing", self.energy_smoothing, 0.0, 1.0, low_open=True)
         check("shrink_to", self.shrink_to, 0.0, 1.0, low_open=True)
         check("age_decay", self.age_decay, 0.0, 1.0, low_open=True)
+        if not (isinstance(self.footprint_s, (int, float)) and self.footprint_s > 0 and math.isfinite(self.footprint_s)):
+            raise ValueError(f"BudgetSettings.footprint_s={self.footprint_s!r} must be a number of seconds > 0")
         if not isinstance(self.min_tokens_per_chunk, int) or self.min_tokens_per_chunk < 0:
             raise ValueError(
                 f"BudgetSettings.min_tokens_per_chunk={self.min_tokens_per_chunk!r} must be an int >= 0"

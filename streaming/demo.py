@@ -194,7 +194,7 @@ class QuestionPoints:
         self.reached = {index: threading.Event() for index in after_chunks}
         self.answered = {index: threading.Event() for index in after_chunks}
         self.chunk_end_s: dict[int, float] = {}
-        self.ingest_reports: dict[int, Any] = {}  # chunk index -> SGLang IngestReport
+        self.ingest_reports: dict[int, dict] = {}  # chunk index -> the server's stream report
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.backend, name)
@@ -202,9 +202,9 @@ class QuestionPoints:
     def append_chunk(self, stream_id, chunk):
         receipt = self.backend.append_chunk(stream_id, chunk)
         self.chunk_end_s[chunk.index] = chunk.end_s
-        last_ingest = getattr(self.backend, "last_ingest", None)
-        if last_ingest is not None:
-            self.ingest_reports[chunk.index] = last_ingest(stream_id)
+        last_report = getattr(self.backend, "last_report", None)
+        if last_report is not None:
+            self.ingest_reports[chunk.index] = last_report(stream_id)
         if chunk.index in self.reached:
             self.reached[chunk.index].set()
             self.answered[chunk.index].wait(self.timeout_s)
@@ -295,16 +295,15 @@ def chunk_series(manager: StreamManager, points: QuestionPoints, stream_id: str)
             "memory_logical_tokens": c.memory_logical_tokens, "memory_kept_tokens": c.memory_kept_tokens,
         }
         report = points.ingest_reports.get(c.index)
-        if report is not None:
-            row.update(memory_visual_logical_tokens=report.video_tokens,
-                       memory_visual_kept_tokens=report.visual_kv_slots,
-                       cached_tokens=report.cached_tokens)
+        if report:
+            row.update(memory_total_kv_slots=report["memory_tokens"], memory_next_position=report["next_position"],
+                       memory_version=report["version"], cached_tokens=report["cached_tokens"])
         series.append(row)
     return series
 
 
 def print_table(series: Sequence[dict[str, Any]], cap: int) -> None:
-    visual = bool(series) and "memory_visual_kept_tokens" in series[0]
+    visual = False
     print("KV memory per chunk, in tokens. 'logical' = the uncompressed prompt that vanilla SGLang would hold"
           + ("; (visual) = of which video tokens, the part FlashCache compresses and caps" if visual else ""))
     print(f"  {'chunk':>5} {'stream s':>8} {'energy':>6} {'retention':>9} {'chunk logical->kept':>19} "
@@ -343,11 +342,9 @@ def plot(series: Sequence[dict[str, Any]], questions: Sequence[AskedQuestion], c
     top.fill_between(times, kept, logical, step="post", color="tab:green", alpha=0.12, label="KV freed by FlashCache")
     top.step(times, kept, where="post", color="tab:green", linewidth=2.5,
              label="FlashCache: KV slots the memory really holds")
-    if series and "memory_visual_kept_tokens" in series[0]:
-        top.step(times, steps("memory_visual_logical_tokens"), where="post", color="tab:gray", linewidth=1.2,
-                 linestyle="--", label="  of which video tokens, vanilla")
-        top.step(times, steps("memory_visual_kept_tokens"), where="post", color="darkgreen", linewidth=1.5,
-                 linestyle="--", label="  of which video tokens, FlashCache (capped)")
+    if series and "memory_total_kv_slots" in series[0]:
+        top.step(times, steps("memory_total_kv_slots"), where="post", color="darkgreen", linewidth=1.2,
+                 linestyle="--", label="  whole memory incl. prompt header and sink chunk")
     top.axhline(cap, color="tab:red", linestyle=":", linewidth=1.5, label=f"cap on video tokens ({cap})")
     above = blended_transform_factory(top.transData, top.transAxes)
     for number, asked in enumerate(questions, 1):

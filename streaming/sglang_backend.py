@@ -1,45 +1,32 @@
-"""A stream's memory inside an SGLang server (native ``/generate`` API over HTTP).
+"""A stream's memory inside an SGLang server: the server holds it, requests carry only what is new.
 
-The memory of a stream is a prompt prefix::
+The server (``python -m flashcache_sglang.launch_server ... --enable-multimodal``) keeps each
+stream's memory as versions of a compressed token sequence in its radix tree
+(flashcache_sglang.stream_memory). This backend speaks that protocol over ``/generate``:
 
-    <system> <user> <video chunk 0> <video chunk 1> ... <video chunk k>
+- **append**: the request's prompt is the new chunk only (the first also carries the prompt
+  header, ``start: true``); ``custom_params.flashcache.stream`` says which stream, the chunk's
+  retention (streaming.budget.RetentionSchedule: outlier energy above the stream's mean keeps
+  more), the cap, the chunk's index and stream time. The server prefills the chunk after the
+  memory, ranks every candidate of memory and chunk together, keeps the best under the cap
+  (at least one visual token per ``footprint_s`` of stream time) and re-bases the kept tokens to
+  contiguous positions. Nothing earlier is re-sent, re-decoded or re-processed.
+- **ask**: the prompt is the conversation's history and the question; it is answered after the
+  memory and never enters it.
+- **close**: SGLang's ``/close_session`` with ``flashcache-stream:<id>``.
 
-- **Ingest** of chunk k+1 is one request over ``prefix + chunk k+1`` with ``max_new_tokens=1``:
-  the radix cache matches the (already compressed) prefix, SGLang prefills only the new
-  chunk, and FlashCache compresses its visual tokens with the retention the chunk's outlier
-  energy earned (streaming.budget.RetentionSchedule). With ``memory_cap_tokens`` the server
-  then re-scores the older kept visual tokens of the prefix and drops the lowest until the
-  memory fits the cap (the first chunk is spared with ``keep_sink``), in place in the tree.
-- **Asking** sends ``prefix + earlier turns + question``: the prefix is matched in the radix
-  cache, only the question is computed, and nothing after the prefix is ever part of the
-  memory (each question is a branch of the tree). Questions carry the stream's cap too: when
-  the server had evicted the memory, the question that recomputes it holds it to the cap as an
-  ingest would (an in-place shrink only ever touches nodes the requester alone holds).
+Memory numbers are the server's, from ``meta_info["flashcache"][0]["stream"]``.
 
-Every request of a stream carries ``custom_params["flashcache"]["namespace"] =
-"stream/<stream_id>"``: chunks compressed at different retentions still form one reusable
-prefix, and streams never share (or shrink) each other's nodes.
+A server that lost a memory (restart, flush, crash, idle timeout) answers 404; the backend then
+**rebuilds** it from the chunk files it kept: the sink chunk, then up to ``rebuild_chunks`` chunks
+(the newest ones and those the server's footprint said held the most tokens), each re-appended
+under the same cap. Those files are all it keeps (``needed_artifacts``); the service rotates the
+others away.
 
-Memory numbers are the server's, from ``meta_info["flashcache"][0]`` of each ingest:
-``prompt_tokens`` (logical) and ``prompt_kv_slots`` (KV slots the prompt really holds, the
-reused compressed prefix included). Nothing is estimated on the client.
-
-Chunks travel as small mp4 files (SGLang's Qwen-VL processor decodes ``video_data`` with
-decord/torchcodec and samples ``fps`` from the server's ``--mm-process-config``), each chunk
-cut into videos of ``frames_per_video`` frames (default 2, one Qwen-VL temporal patch). Why:
-SGLang 0.5.23 gives each video of a multi-video prompt its own radix-cache identity only when
-it can split the processor's output per video, which for Qwen2.5-VL (one contiguous token run
-per video) happens only if every video is a single temporal patch; otherwise all videos of a
-request share one hash and no earlier chunk is ever reused. The files are kept under
-``chunk_dir`` (one folder per chunk) because every request resends the whole prefix (the radix key carries
-a hash of each video's content, so the exact same bytes must come back) and because a
-restarted service rebuilds the prefix from them. ``video_transport="path"`` sends file paths
-(server on the same file system), ``"data_url"`` sends base64 (any server).
-
-An endless stream's prompt cannot grow forever (context length, tokenizer work per request),
-so the prompt holds at most ``max_prompt_chunks`` chunks; past that it keeps the sink and the
-newest chunks, down to half the limit. Leaving changes the prefix, so the next request
-prefills the remaining window once (counted in ``rebases``).
+Chunks travel as small mp4 files, each chunk cut into videos of ``frames_per_video`` frames
+(default 2, one Qwen-VL temporal patch: SGLang 0.5.23 gives each video of a multi-video prompt its
+own cache identity only then). ``video_transport="path"`` sends file paths (server on the same file
+system), ``"data_url"`` base64 (any server).
 """
 
 from __future__ import annotations
@@ -61,18 +48,16 @@ from .budget import BudgetSettings, RetentionSchedule
 from .memory import MemoryBackendError, UnknownMemoryError
 from .types import Answer, Chunk, ChunkReceipt, ChunkRecord, Frame, MemoryUsage, Turn
 
-__all__ = ["PromptTemplate", "SGLangMemoryBackend", "IngestReport", "chunk_videos", "encode_mp4", "stream_namespace"]
+__all__ = ["PromptTemplate", "SGLangMemoryBackend", "chunk_videos", "encode_mp4", "STREAM_SESSION_PREFIX"]
 
 logger = logging.getLogger(__name__)
+
+# SGLang's /close_session addresses a flashcache stream memory by this prefix (stream_memory.py).
+STREAM_SESSION_PREFIX = "flashcache-stream:"
 
 # Qwen-VL groups frames in pairs (temporal patch 2) and SGLang's video sampler refuses fewer
 # than 2 frames, so a video always holds an even number of frames, at least 2.
 FRAME_FACTOR = 2
-
-
-def stream_namespace(stream_id: str) -> str:
-    """The radix-tree namespace every request of a stream sends."""
-    return f"stream/{stream_id}"
 
 
 def chunk_videos(chunk: Chunk, frames_per_video: Optional[int]) -> list[list[Frame]]:
@@ -111,17 +96,16 @@ def encode_mp4(frames: Sequence[Frame], fps: float) -> bytes:
 
 @dataclass(frozen=True)
 class PromptTemplate:
-    """Prompt pieces (defaults: Qwen2.5-VL's ChatML). The memory prefix ends right after the
-    last video so appended questions tokenize on their own."""
+    """Prompt pieces (defaults: Qwen2.5-VL's ChatML). The first append sends ``header`` and its
+    chunk's videos, each later append only ``video`` per video of its chunk, a question only
+    :meth:`question_suffix`: each piece tokenizes on its own, as the server prefills it after
+    the memory."""
 
     system: str = "You are watching a live video stream. Answer questions about what it showed."
     header: str = "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
     video: str = "<|vision_start|><|video_pad|><|vision_end|>"
     question: str = "\n{question}<|im_end|>\n<|im_start|>assistant\n"
     answer_end: str = "<|im_end|>\n<|im_start|>user\n"
-
-    def memory_prompt(self, num_videos: int) -> str:
-        return self.header.format(system=self.system) + self.video * num_videos
 
     def question_suffix(self, history: Sequence[Turn], question: str) -> str:
         text = ""
@@ -130,85 +114,50 @@ class PromptTemplate:
         return text + self.question.format(question=question)
 
 
-@dataclass(frozen=True)
-class IngestReport:
-    """The server's numbers for one ingest request (``meta_info`` and its ``flashcache`` entry).
-
-    Attributes:
-        chunk_index: the chunk this request appended.
-        prompt_tokens: logical prompt length (the whole memory prefix, uncompressed).
-        prompt_kv_slots: KV slots the prompt really holds after compression and the cap.
-        video_tokens: visual tokens of the prompt (logical).
-        cached_tokens: prompt tokens served from the radix cache (the reused memory prefix).
-        candidate_tokens / kept_tokens: visual tokens this request compressed itself / kept.
-        retention: the retention the request asked for.
-        rebased: the backend did not know the prefix's token count before this request (the
-            prompt window moved, or the memory was restored after a restart), so the chunk's
-            logical size is taken from the previous chunk.
-        media_kv_slots: KV slots held by visual tokens (the server's count).
-        capped_kv_slots: what the server's memory cap counts after this request (visual
-            tokens and their delimiters); None without a cap.
-    """
-
-    chunk_index: int
-    prompt_tokens: int
-    prompt_kv_slots: int
-    video_tokens: int
-    cached_tokens: int
-    candidate_tokens: int
-    kept_tokens: int
-    retention: float
-    rebased: bool = False
-    media_kv_slots: Optional[int] = None
-    capped_kv_slots: Optional[int] = None
-
-    @property
-    def text_tokens(self) -> int:
-        return self.prompt_tokens - self.video_tokens
-
-    @property
-    def visual_kv_slots(self) -> int:
-        """KV slots held by visual tokens (the server's count; older servers: estimated)."""
-        if self.media_kv_slots is not None:
-            return self.media_kv_slots
-        return self.prompt_kv_slots - self.text_tokens
+class MemoryLost(MemoryBackendError):
+    """The server holds no memory for the stream (404): it must be rebuilt."""
 
 
 @dataclass
-class _PromptChunk:
+class _ChunkFiles:
     index: int
-    paths: tuple[str, ...]  # its videos, in order
+    start_s: float
+    paths: tuple[str, ...]
+    energy: float = 0.0
 
 
 @dataclass
 class _SGLangStream:
     settings: BudgetSettings
     schedule: RetentionSchedule
-    prompt_chunks: list[_PromptChunk] = field(default_factory=list)
-    prefix_tokens: int = 0  # prompt tokens of the memory prefix as the server counted them (0: unknown)
-    last_chunk_logical: int = 0
+    chunks: dict[int, _ChunkFiles] = field(default_factory=dict)  # files a rebuild may need
+    sink: Optional[int] = None  # chunk index of the first chunk
+    footprint: dict[int, int] = field(default_factory=dict)  # server: kept visual tokens per chunk
     logical_tokens: int = 0  # every chunk ever appended, header included (what vanilla would hold)
-    kv_slots: int = 0  # the server's prompt_kv_slots after the last ingest
+    memory_tokens: int = 0  # the server's memory length after the last append
+    capped_kv_slots: int = 0  # what the cap counts (visual tokens + delimiters)
+    next_position: int = 0
+    version: int = 0
     chunks_seen: int = 0
-    rebases: int = 0
-    last_ingest: Optional[IngestReport] = None
+    rebuilds: int = 0
+    last_report: dict = field(default_factory=dict)
     append_lock: threading.Lock = field(default_factory=threading.Lock)
     state_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class SGLangMemoryBackend:
-    """Stream memories in an SGLang server launched with flashcache
-    (``python -m flashcache_sglang.launch_server ... --enable-multimodal``).
+    """Stream memories held by an SGLang server launched with flashcache.
 
     Args:
         base_url: the server, e.g. ``http://127.0.0.1:30000``.
         chunk_dir: where chunk videos are kept (one folder per stream).
         fps: frame rate written into chunk videos (the sampling fps).
-        frames_per_video: frames per video in the prompt (even; None: a chunk is one video).
-            Keep 2 for Qwen2.5-VL on SGLang 0.5.23 (see the module docstring).
+        frames_per_video: frames per video (even; None: a chunk is one video). Keep 2 for
+            Qwen2.5-VL on SGLang 0.5.23 (see the module docstring).
         template: prompt pieces of the served model.
         video_transport: ``"path"`` or ``"data_url"``.
-        max_prompt_chunks: most chunks in the prompt (see module docstring).
+        rebuild_chunks: most chunks besides the sink re-appended when a lost memory is rebuilt
+            (and so the most chunk files kept per stream).
         max_answer_tokens: answer length.
         timeout_s: per request.
     """
@@ -223,7 +172,7 @@ class SGLangMemoryBackend:
         frames_per_video: Optional[int] = FRAME_FACTOR,
         template: PromptTemplate = PromptTemplate(),
         video_transport: str = "data_url",
-        max_prompt_chunks: int = 64,
+        rebuild_chunks: int = 16,
         max_answer_tokens: int = 64,
         timeout_s: float = 120.0,
         session: Optional[requests.Session] = None,
@@ -234,131 +183,96 @@ class SGLangMemoryBackend:
             not isinstance(frames_per_video, int) or frames_per_video < FRAME_FACTOR or frames_per_video % FRAME_FACTOR
         ):
             raise ValueError(f"frames_per_video={frames_per_video!r} must be None or an even int >= {FRAME_FACTOR}")
-        if max_prompt_chunks < 2:
-            raise ValueError(f"max_prompt_chunks={max_prompt_chunks} must be >= 2")
+        if not isinstance(rebuild_chunks, int) or rebuild_chunks < 0:
+            raise ValueError(f"rebuild_chunks={rebuild_chunks!r} must be an int >= 0")
         self.base_url = base_url.rstrip("/")
         self.chunk_dir = chunk_dir
         self.fps = fps
         self.frames_per_video = frames_per_video
         self.template = template
         self.video_transport = video_transport
-        self.max_prompt_chunks = max_prompt_chunks
+        self.rebuild_chunks = rebuild_chunks
         self.max_answer_tokens = max_answer_tokens
         self.timeout_s = timeout_s
         self._http = session or requests.Session()
         self._streams: dict[str, _SGLangStream] = {}
         self._lock = threading.Lock()
-        self._warned_no_flashcache = False
 
     # ----------------------------------------------------------------- protocol
 
     def open(self, stream_id: str, budget: BudgetSettings, restore: Sequence[ChunkRecord] = ()) -> None:
+        """Track a stream. With ``restore`` (a restarted service) the server may still hold the
+        memory; if it does not, the first append or question rebuilds it from these records."""
         state = _SGLangStream(budget, RetentionSchedule(budget))
         for record in restore:
-            state.logical_tokens += record.logical_tokens
-            state.last_chunk_logical = record.logical_tokens
             state.chunks_seen += 1
+            state.logical_tokens += record.logical_tokens
+            if state.sink is None:
+                state.sink = record.index
             paths = _artifact_videos(record.artifact)
             if paths:
-                state.prompt_chunks.append(_PromptChunk(record.index, paths))
-            else:
-                logger.warning("stream %s: chunk %d has no video file left; it leaves the memory", stream_id, record.index)
+                state.chunks[record.index] = _ChunkFiles(record.index, record.start_s, paths, record.outlier_energy)
+            elif record.index == state.sink:
+                logger.warning("stream %s: the sink chunk %d has no video file left", stream_id, record.index)
         if restore:
             state.schedule.mean_energy = sum(r.outlier_energy for r in restore) / len(restore)
             state.schedule.num_chunks = len(restore)
-            # Until the server counts the rebuilt prefix, the last stored count stands.
-            state.kv_slots = max(0, restore[-1].memory_kept_tokens)
-            if restore[-1].memory_logical_tokens >= 0:
-                state.logical_tokens = restore[-1].memory_logical_tokens
-        self._trim_prompt(state)
+            last = restore[-1]
+            state.memory_tokens = state.capped_kv_slots = max(0, last.memory_kept_tokens)
+            if last.memory_logical_tokens >= 0:
+                state.logical_tokens = last.memory_logical_tokens
         with self._lock:
             self._streams[stream_id] = state
 
     def append_chunk(self, stream_id: str, chunk: Chunk) -> ChunkReceipt:
         state = self._state(stream_id)
-        with state.append_lock:  # one ingest request per stream at a time
+        with state.append_lock:  # one append per stream at a time (the server refuses a second)
             folder, paths = self._write_chunk(stream_id, chunk)
+            files = _ChunkFiles(chunk.index, chunk.start_s, paths, chunk.outlier_energy)
             with state.state_lock:
                 retention = state.schedule.next_retention(chunk.outlier_energy)
-                videos = [p for c in state.prompt_chunks for p in c.paths] + list(paths)
-                settings = state.settings
-                rebased = state.prefix_tokens == 0 and bool(state.prompt_chunks)
-            knob = {
-                "namespace": stream_namespace(stream_id),
-                "retention": retention,
-                "memory_cap_tokens": settings.kv_cap_tokens,
-                "keep_sink": settings.keep_sink,
-                # The first chunk is several videos in the prompt: spare all of them.
-                "sink_items": len(state.prompt_chunks[0].paths) if state.prompt_chunks else len(paths),
-            }
-            response = self._generate(
-                self.template.memory_prompt(len(videos)),
-                videos,
-                {"max_new_tokens": 1, "temperature": 0.0, "custom_params": {"flashcache": knob}},
-            )
-            report = self._ingest_report(chunk.index, response.get("meta_info", {}), retention, rebased)
+                start = state.sink is None
+            try:
+                meta = self._append(stream_id, state, files, retention, start=start)
+            except MemoryLost:
+                self._rebuild(stream_id, state)
+                meta = self._append(stream_id, state, files, retention, start=False)
             with state.state_lock:
-                if state.prefix_tokens:
-                    logical = report.prompt_tokens - state.prefix_tokens
-                elif rebased:  # the window was re-prefilled: same geometry as the last chunk
-                    logical = state.last_chunk_logical
-                else:  # header + first chunk
-                    logical = report.prompt_tokens
-                logical = max(1, logical)
-                if rebased:
-                    # The request compressed the whole window at once; this chunk's share.
-                    kept = round(logical * report.kept_tokens / max(1, report.candidate_tokens))
-                else:
-                    # Its kept visual tokens plus the tokens that were never candidates
-                    # (the vision wrappers; the prompt header for the first chunk).
-                    kept = report.kept_tokens + max(0, logical - report.candidate_tokens)
-                state.prompt_chunks.append(_PromptChunk(chunk.index, paths))
-                state.prefix_tokens = report.prompt_tokens
-                state.last_chunk_logical = logical
-                state.logical_tokens += logical
-                state.kv_slots = report.prompt_kv_slots
-                state.last_ingest = report
-                state.chunks_seen += 1
-                self._trim_prompt(state)
+                logical = self._record_append(state, files, meta, start)
                 usage = self._usage(state)
-        return ChunkReceipt(logical, min(kept, logical), retention, usage, artifact=folder)
+                report = state.last_report
+        kept_own = int(report.get("kept_tokens", 0)) + max(0, logical - int(report.get("candidate_tokens", 0)))
+        return ChunkReceipt(logical, min(kept_own, logical), retention, usage, artifact=folder)
 
     def ask(self, stream_id: str, question: str, history: Sequence[Turn]) -> Answer:
         state = self._state(stream_id)
-        with state.state_lock:  # snapshot only: the request runs beside ingest
-            videos = [p for c in state.prompt_chunks for p in c.paths]
+        with state.state_lock:
             chunks_seen = state.chunks_seen
-            settings = state.settings
-            retention = settings.base_retention
-            sink_items = len(state.prompt_chunks[0].paths) if state.prompt_chunks else 0
-        if not videos:
+            empty = state.sink is None
+        if empty:
             return Answer("The stream has no video in memory yet.", 0.0, 0, 0, self.name)
-        prompt = self.template.memory_prompt(len(videos)) + self.template.question_suffix(history, question)
-        # Same namespace as the ingests (so the memory prefix matches). The base retention and the
-        # cap only matter if the server had evicted the memory and this question recomputes it:
-        # it is then held to the stream's cap, as the next ingest would hold it.
-        knob = {"namespace": stream_namespace(stream_id), "retention": retention,
-                "memory_cap_tokens": settings.kv_cap_tokens, "keep_sink": settings.keep_sink,
-                "sink_items": sink_items}
+        prompt = self.template.question_suffix(history, question)
+        sampling = {"max_new_tokens": self.max_answer_tokens, "temperature": 0.0,
+                    "custom_params": {"flashcache": {"stream": {"id": stream_id, "op": "ask"}}}}
         started = time.perf_counter()
-        text, meta, ttft = self._generate_streaming(
-            prompt,
-            videos,
-            {"max_new_tokens": self.max_answer_tokens, "temperature": 0.0, "custom_params": {"flashcache": knob}},
-            started,
-        )
-        extra: dict[str, Any] = {"prompt_tokens": int(meta.get("prompt_tokens", 0)), "e2e_s": time.perf_counter() - started}
-        report = _flashcache_entry(meta)
-        if report is not None:
-            extra["prompt_kv_slots"] = int(report["prompt_kv_slots"])
-        return Answer(
-            text=text.strip(),
-            ttft_s=ttft,
-            cached_tokens=int(meta.get("cached_tokens", 0)),
-            memory_chunks=chunks_seen,
-            backend=self.name,
-            extra=extra,
-        )
+        try:
+            text, meta, ttft = self._generate_streaming({"text": prompt}, sampling, started)
+        except MemoryLost:
+            with state.append_lock:
+                self._rebuild(stream_id, state)
+            started = time.perf_counter()
+            text, meta, ttft = self._generate_streaming({"text": prompt}, sampling, started)
+        stream = _stream_entry(meta)
+        extra: dict[str, Any] = {"prompt_tokens": int(meta.get("prompt_tokens", 0)),
+                                 "e2e_s": time.perf_counter() - started,
+                                 "request_bytes": len(json.dumps({"text": prompt, "sampling_params": sampling}))}
+        entry = _flashcache_entry(meta)
+        if entry is not None and "server_timing" in entry:
+            extra["server_timing"] = entry["server_timing"]
+        if stream is not None:
+            extra["memory_version"] = stream.get("version")
+        return Answer(text=text.strip(), ttft_s=ttft, cached_tokens=int(meta.get("cached_tokens", 0)),
+                      memory_chunks=chunks_seen, backend=self.name, extra=extra)
 
     def memory_tokens(self, stream_id: str) -> MemoryUsage:
         state = self._state(stream_id)
@@ -366,14 +280,118 @@ class SGLangMemoryBackend:
             return self._usage(state)
 
     def release(self, stream_id: str) -> None:
+        """Forget the stream here and close its memory on the server."""
         with self._lock:
-            self._streams.pop(stream_id, None)
+            state = self._streams.pop(stream_id, None)
+        if state is None:
+            return
+        try:
+            self._http.post(f"{self.base_url}/close_session",
+                            json={"session_id": STREAM_SESSION_PREFIX + stream_id}, timeout=self.timeout_s)
+        except requests.RequestException as error:
+            logger.warning("stream %s: could not close its memory on %s: %s", stream_id, self.base_url, error)
 
-    def last_ingest(self, stream_id: str) -> Optional[IngestReport]:
-        """The server's numbers for the stream's latest ingest (None before the first)."""
+    def needed_artifacts(self, stream_id: str) -> Optional[set[int]]:
+        """Chunk indices whose files a rebuild would re-append: the sink and the rebuild set."""
         state = self._state(stream_id)
         with state.state_lock:
-            return state.last_ingest
+            return self._rebuild_set(state) | ({state.sink} if state.sink is not None else set())
+
+    def last_report(self, stream_id: str) -> dict:
+        """The server's ``stream`` entry of the stream's latest append (empty before the first)."""
+        state = self._state(stream_id)
+        with state.state_lock:
+            return dict(state.last_report)
+
+    # ----------------------------------------------------------------- appends and rebuilds
+
+    def _append(self, stream_id: str, state: _SGLangStream, files: _ChunkFiles, retention: float, *,
+                start: bool) -> dict[str, Any]:
+        settings = state.settings
+        stream = {"id": stream_id, "op": "append", "retention": float(retention), "cap_tokens": settings.kv_cap_tokens,
+                  "chunk": files.index, "time_s": float(files.start_s), "footprint_s": float(settings.footprint_s),
+                  "report_footprint": True}
+        if start:
+            stream.update(start=True, keep_sink=settings.keep_sink)
+        text = (self.template.header.format(system=self.template.system) if start else "") \
+            + self.template.video * len(files.paths)
+        body = {"text": text, "video_data": self._video_payload(files.paths),
+                "sampling_params": {"max_new_tokens": 1, "temperature": 0.0,
+                                    "custom_params": {"flashcache": {"stream": stream}}}}
+        meta = self._generate(body).get("meta_info", {})
+        entry = _stream_entry(meta)
+        if entry is None:
+            raise MemoryBackendError(
+                f"SGLang at {self.base_url} answered an append without meta_info.flashcache[0].stream: "
+                "is it started with python -m flashcache_sglang.launch_server?")
+        if "error" in entry:
+            raise MemoryBackendError(f"SGLang could not append chunk {files.index}: {entry['error']}")
+        return meta
+
+    def _record_append(self, state: _SGLangStream, files: _ChunkFiles, meta: dict, start: bool) -> int:
+        """Update the stream from an append's answer; returns the chunk's logical tokens."""
+        stream = _stream_entry(meta)
+        entry = _flashcache_entry(meta) or {}
+        previous = 0 if start else state.memory_tokens
+        logical = max(1, int(meta.get("prompt_tokens", 0)) - previous)
+        state.chunks[files.index] = files
+        if start:
+            state.sink = files.index
+        state.footprint = {int(k): int(v) for k, v in stream.get("footprint", {}).items()}
+        state.memory_tokens = int(stream["memory_tokens"])
+        state.capped_kv_slots = int(stream["capped_kv_slots"])
+        state.next_position = int(stream["next_position"])
+        state.version = int(stream["version"])
+        state.logical_tokens += logical
+        state.chunks_seen += 1
+        state.last_report = dict(stream, kept_tokens=entry.get("kept_tokens", 0),
+                                 candidate_tokens=entry.get("candidate_tokens", 0),
+                                 prompt_tokens=int(meta.get("prompt_tokens", 0)),
+                                 cached_tokens=int(meta.get("cached_tokens", 0)))
+        # Files no rebuild needs any more are forgotten here (the service deletes them).
+        keep = self._rebuild_set(state) | {state.sink}
+        state.chunks = {index: c for index, c in state.chunks.items() if index in keep}
+        return logical
+
+    def _rebuild_set(self, state: _SGLangStream) -> set[int]:
+        """Chunks a rebuild re-appends after the sink: the newest half of the budget, then the
+        chunks the server's footprint says held the most visual tokens."""
+        budget = self.rebuild_chunks
+        candidates = sorted(index for index in state.chunks if index != state.sink)
+        newest = candidates[-(budget - budget // 2):] if budget else []
+        by_footprint = sorted((index for index in candidates if index not in newest),
+                              key=lambda index: (-state.footprint.get(index, 0), -index))
+        return set(newest) | set(by_footprint[: budget - len(newest)])
+
+    def _rebuild(self, stream_id: str, state: _SGLangStream) -> None:
+        """Start the memory again from the kept chunk files (the caller holds ``append_lock``)."""
+        with state.state_lock:
+            sink = state.chunks.get(state.sink) if state.sink is not None else None
+            order = [state.chunks[index] for index in sorted(self._rebuild_set(state))]
+            retention = state.settings.base_retention
+        if sink is None:
+            raise MemoryBackendError(f"stream {stream_id}: the server lost its memory and the sink chunk's "
+                                     "files are gone; it cannot be rebuilt")
+        logger.warning("stream %s: the server lost its memory; rebuilding from %d chunk files", stream_id, 1 + len(order))
+        meta = self._append(stream_id, state, sink, 1.0, start=True)
+        with state.state_lock:
+            state.memory_tokens = 0
+            self._apply_rebuilt(state, meta)
+        for files in order:
+            meta = self._append(stream_id, state, files, retention, start=False)
+            with state.state_lock:
+                self._apply_rebuilt(state, meta)
+        with state.state_lock:
+            state.rebuilds += 1
+
+    @staticmethod
+    def _apply_rebuilt(state: _SGLangStream, meta: dict) -> None:
+        stream = _stream_entry(meta)
+        state.footprint = {int(k): int(v) for k, v in stream.get("footprint", {}).items()}
+        state.memory_tokens = int(stream["memory_tokens"])
+        state.capped_kv_slots = int(stream["capped_kv_slots"])
+        state.next_position = int(stream["next_position"])
+        state.version = int(stream["version"])
 
     # ----------------------------------------------------------------- helpers
 
@@ -385,54 +403,9 @@ class SGLangMemoryBackend:
         return state
 
     def _usage(self, state: _SGLangStream) -> MemoryUsage:
-        return MemoryUsage(state.logical_tokens, state.kv_slots, state.settings.kv_cap_tokens, state.chunks_seen)
+        return MemoryUsage(state.logical_tokens, state.capped_kv_slots, state.settings.kv_cap_tokens,
+                           state.chunks_seen, total_kv_slots=state.memory_tokens)
 
-    def _ingest_report(self, index: int, meta: dict[str, Any], retention: float, rebased: bool) -> IngestReport:
-        if "prompt_tokens" not in meta:
-            raise MemoryBackendError(f"SGLang /generate answered without meta_info.prompt_tokens: {str(meta)[:300]}")
-        prompt_tokens = int(meta["prompt_tokens"])
-        video_tokens = int(meta.get("video_tokens") or 0)
-        entry = _flashcache_entry(meta)
-        if entry is None:
-            # A server without flashcache (or a chunk below --flashcache-min-candidates): the
-            # prompt holds every token.
-            if not self._warned_no_flashcache:
-                self._warned_no_flashcache = True
-                logger.warning(
-                    "SGLang at %s reports no meta_info.flashcache: nothing is compressed (is it started "
-                    "with python -m flashcache_sglang.launch_server?); memory = logical tokens",
-                    self.base_url,
-                )
-            entry = {"prompt_kv_slots": prompt_tokens, "candidate_tokens": 0, "kept_tokens": 0}
-        return IngestReport(
-            chunk_index=index,
-            prompt_tokens=prompt_tokens,
-            prompt_kv_slots=int(entry["prompt_kv_slots"]),
-            video_tokens=video_tokens,
-            cached_tokens=int(meta.get("cached_tokens") or 0),
-            candidate_tokens=int(entry["candidate_tokens"]),
-            kept_tokens=int(entry["kept_tokens"]),
-            media_kv_slots=int(entry["media_kv_slots"]) if "media_kv_slots" in entry else None,
-            capped_kv_slots=int(entry["capped_kv_slots"]) if "capped_kv_slots" in entry else None,
-            retention=retention,
-            rebased=rebased,
-        )
-
-    def _trim_prompt(self, state: _SGLangStream) -> None:
-        """Rebase the prompt once it holds more than ``max_prompt_chunks`` chunks.
-
-        The prompt then keeps the sink and the newest chunks, down to half the limit so
-        rebases are rare. What the dropped chunks held in KV is freed by the server's LRU.
-        """
-        if len(state.prompt_chunks) <= self.max_prompt_chunks:
-            return
-        sink = state.prompt_chunks[0] if state.settings.keep_sink else None
-        rest = state.prompt_chunks[1:] if sink is not None else state.prompt_chunks
-        room = self.max_prompt_chunks // 2 - (1 if sink is not None else 0)
-        tail = rest[-room:] if room > 0 else []
-        state.prompt_chunks = ([sink] if sink is not None else []) + tail
-        state.rebases += 1
-        state.prefix_tokens = 0  # unknown until the server counts the rebased prefix
     def _write_chunk(self, stream_id: str, chunk: Chunk) -> tuple[str, tuple[str, ...]]:
         """Write the chunk's videos into its own folder; returns the folder and the paths."""
         folder = os.path.join(self.chunk_dir, stream_id, f"chunk_{chunk.index:08d}")
@@ -456,34 +429,31 @@ class SGLangMemoryBackend:
                 payload.append("data:video/mp4;base64," + base64.b64encode(handle.read()).decode())
         return payload
 
-    def _request(self, prompt: str, paths: Sequence[str], sampling_params: dict[str, Any], stream: bool) -> dict[str, Any]:
-        return {"text": prompt, "video_data": self._video_payload(paths), "sampling_params": sampling_params, "stream": stream}
-
-    def _generate(self, prompt: str, paths: Sequence[str], sampling_params: dict[str, Any]) -> dict[str, Any]:
+    def _post(self, body: dict[str, Any], stream: bool):
         try:
-            response = self._http.post(
-                f"{self.base_url}/generate", json=self._request(prompt, paths, sampling_params, False), timeout=self.timeout_s
-            )
+            return self._http.post(f"{self.base_url}/generate", json=body, timeout=self.timeout_s, stream=stream)
         except requests.RequestException as error:
             raise MemoryBackendError(f"SGLang server at {self.base_url} unreachable: {error}") from None
+
+    @staticmethod
+    def _check(response) -> None:
+        if response.status_code == 404:
+            raise MemoryLost(f"SGLang holds no memory for this stream: {response.text[:300]}")
         if response.status_code != 200:
             raise MemoryBackendError(f"SGLang /generate returned {response.status_code}: {response.text[:300]}")
+
+    def _generate(self, body: dict[str, Any]) -> dict[str, Any]:
+        response = self._post(body, stream=False)
+        self._check(response)
         return response.json()
 
-    def _generate_streaming(
-        self, prompt: str, paths: Sequence[str], sampling_params: dict[str, Any], started: float
-    ) -> tuple[str, dict[str, Any], float]:
+    def _generate_streaming(self, body: dict[str, Any], sampling_params: dict[str, Any],
+                            started: float) -> tuple[str, dict[str, Any], float]:
         ttft = None
         text, meta = "", {}
-        try:
-            with self._http.post(
-                f"{self.base_url}/generate",
-                json=self._request(prompt, paths, sampling_params, True),
-                timeout=self.timeout_s,
-                stream=True,
-            ) as response:
-                if response.status_code != 200:
-                    raise MemoryBackendError(f"SGLang /generate returned {response.status_code}: {response.text[:300]}")
+        with self._post(dict(body, sampling_params=sampling_params, stream=True), stream=True) as response:
+            self._check(response)
+            try:
                 for line in response.iter_lines(decode_unicode=True):
                     if not line or not line.startswith("data:"):
                         continue
@@ -491,19 +461,44 @@ class SGLangMemoryBackend:
                     if data == "[DONE]":
                         break
                     event = json.loads(data)
+                    _raise_if_aborted(event)
                     if ttft is None:
                         ttft = time.perf_counter() - started
                     text = event.get("text", text)  # SGLang streams the cumulative text
                     meta = event.get("meta_info", meta)
-        except requests.RequestException as error:
-            raise MemoryBackendError(f"SGLang server at {self.base_url} unreachable: {error}") from None
+            except requests.RequestException as error:
+                raise MemoryBackendError(f"SGLang server at {self.base_url} broke the answer: {error}") from None
         return text, meta, ttft if ttft is not None else time.perf_counter() - started
+
+
+def _raise_if_aborted(event: dict[str, Any]) -> None:
+    """A streamed answer reports a refusal inside the stream (HTTP 200): raise it as the
+    non-streamed answer's status would."""
+    if "error" in event:
+        error = event["error"]
+        message = error.get("message", str(error)) if isinstance(error, dict) else str(error)
+        code = error.get("code") if isinstance(error, dict) else None
+        if code == 404:
+            raise MemoryLost(message)
+        raise MemoryBackendError(f"SGLang refused the request: {message[:300]}")
+    reason = (event.get("meta_info") or {}).get("finish_reason") or {}
+    if isinstance(reason, dict) and reason.get("type") == "abort":
+        message = str(reason.get("message", "aborted"))
+        if reason.get("status_code") == 404:
+            raise MemoryLost(message)
+        raise MemoryBackendError(f"SGLang aborted the request: {message[:300]}")
+
+
+def _stream_entry(meta: dict[str, Any]) -> Optional[dict[str, Any]]:
+    entry = _flashcache_entry(meta)
+    stream = entry.get("stream") if entry is not None else None
+    return stream if isinstance(stream, dict) else None
 
 
 def _flashcache_entry(meta: dict[str, Any]) -> Optional[dict[str, Any]]:
     """``meta_info["flashcache"][0]`` when the server reported one."""
     entries = meta.get("flashcache")
-    if isinstance(entries, list) and entries and isinstance(entries[0], dict) and "prompt_kv_slots" in entries[0]:
+    if isinstance(entries, list) and entries and isinstance(entries[0], dict):
         return entries[0]
     return None
 

@@ -116,12 +116,22 @@ class ChunkReceipt:
 
 @dataclass(frozen=True)
 class MemoryUsage:
-    """Logical vs kept KV tokens of one stream's memory; ``cap_tokens`` is its budget."""
+    """Logical vs kept KV tokens of one stream's memory.
+
+    Attributes:
+        logical_tokens: every token the stream ever appended (what an uncompressed prompt holds).
+        kept_tokens: the KV slots the cap counts: kept visual tokens and their delimiters (the
+            prompt header and the sink chunk are not counted); never above ``cap_tokens``.
+        cap_tokens: the stream's cap.
+        num_chunks: chunks appended.
+        total_kv_slots: every KV slot the memory holds, header and sink included (-1: unknown).
+    """
 
     logical_tokens: int
     kept_tokens: int
     cap_tokens: int
     num_chunks: int
+    total_kv_slots: int = -1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

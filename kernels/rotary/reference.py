@@ -95,7 +95,11 @@ def rerotate_slots_reference(
     if slots.numel() == 0:
         return
     index = slots.long()
-    for buffer in k_buffers:
-        keys = buffer[index]
-        pre_rope = apply_rotary_reference(keys, old_positions, spec, inverse=True)
-        buffer[index] = apply_rotary_reference(pre_rope, new_positions, spec).to(buffer.dtype)
+    # All layers at once: [num_tokens, num_layers * num_kv_heads, head_dim] rotates like heads do.
+    keys = torch.stack([buffer[index] for buffer in k_buffers], dim=1)
+    num_tokens, num_layers, num_heads, head_dim = keys.shape
+    flat = keys.reshape(num_tokens, num_layers * num_heads, head_dim)
+    pre_rope = apply_rotary_reference(flat, old_positions, spec, inverse=True)
+    moved = apply_rotary_reference(pre_rope, new_positions, spec).reshape(keys.shape)
+    for layer, buffer in enumerate(k_buffers):
+        buffer[index] = moved[:, layer].to(buffer.dtype)

@@ -176,5 +176,6 @@ def test_video_body_is_the_stream_backends_prompt():
 
     body = serving.video_body(["a.mp4", "b.mp4"], "\nQ?")
     assert body["video_data"] == ["a.mp4", "b.mp4"]
-    assert body["text"] == PromptTemplate().memory_prompt(2) + "\nQ?"
+    template = PromptTemplate()
+    assert body["text"] == template.header.format(system=template.system) + template.video * 2 + "\nQ?"
     assert body["text"].count("<|video_pad|>") == 2

@@ -104,3 +104,32 @@ def test_unsupported_rotary_module_is_refused():
 
     with pytest.raises(upstream.UnsupportedRotaryError, match="OddRotaryEmbedding is not supported"):
         upstream.rotary_spec_of(OddRotaryEmbedding())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("layout", ["neox", "gptj_partial", "mrope"])
+@pytest.mark.parametrize("num_tokens", [1, 63, 97])
+def test_triton_rerotate_equals_reference(dtype, layout, num_tokens):
+    from flashcache_sglang.kernels.rotary import rerotate_slots
+
+    head_dim = 16
+    if layout == "mrope":
+        spec = RotarySpec.default_rope(head_dim, 10000.0, 300, mrope_section=[2, 3, 3])
+    elif layout == "gptj_partial":
+        base = RotarySpec.default_rope(head_dim, 10000.0, 300, rotary_dim=12)
+        spec = RotarySpec(base.cos_sin_cache, head_dim, is_neox_style=False)
+    else:
+        spec = RotarySpec.default_rope(head_dim, 500.0, 300)
+    generator = torch.Generator().manual_seed(num_tokens)
+    shape = (3, num_tokens) if layout == "mrope" else (num_tokens,)
+    old = torch.randint(0, 300, shape, generator=generator)
+    new = torch.randint(0, 300, shape, generator=generator)
+    num_slots = num_tokens + 20
+    buffers = [torch.randn(num_slots, 3, head_dim, generator=generator).to(dtype) for _ in range(3)]
+    slots = torch.randperm(num_slots - 1, generator=generator)[:num_tokens] + 1
+    expected = [b.clone() for b in buffers]
+    rerotate_slots_reference(expected, slots, old, new, spec)
+    rerotate_slots(buffers, slots, old, new, spec, backend="triton")
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    for got, want in zip(buffers, expected):
+        torch.testing.assert_close(got.float(), want.float(), rtol=tolerance, atol=tolerance)

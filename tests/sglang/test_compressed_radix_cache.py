@@ -99,9 +99,14 @@ class FakeReq:
         self.skip_radix_cache_insert = False
         self.finished_reason = None
         self.finished_len = None
+        self.to_finish = None
+        self.origin_input_ids_unpadded = self.origin_input_ids
 
     def finished(self) -> bool:
         return self.finished_reason is not None
+
+    def set_finish_with_abort(self, error_msg, status_code=400, err_type="BadRequestError") -> None:
+        self.to_finish = (int(status_code), error_msg)
 
     def owned_kv_len(self) -> int:
         return self.kv.kv_committed_len
@@ -116,7 +121,8 @@ class Harness:
 
     def __init__(self, config: Optional[FlashCacheConfig] = None, *, pool_size: int = 256,
                  num_rows: int = 8, max_context_len: int = 256, with_kv_pool: bool = True,
-                 seed: int = 0, need_sort: bool = False) -> None:
+                 seed: int = 0, need_sort: bool = False, rotary=None,
+                 multimodal_positions: bool = False) -> None:
         self.pool_size = pool_size
         self.kv_pool = MHATokenToKVPool(pool_size, 1, torch.float32, NUM_KV_HEADS, HEAD_DIM,
                                         NUM_LAYERS, "cpu", False)
@@ -127,8 +133,10 @@ class Harness:
                                  token_to_kv_pool_allocator=self.allocator, page_size=1)
         self.config = config or FlashCacheConfig(retention=1.0)
         self.cache = CompressedRadixCache(params, self.config,
-                                          kv_pool=self.kv_pool if with_kv_pool else None)
+                                          kv_pool=self.kv_pool if with_kv_pool else None,
+                                          rotary=rotary, multimodal_positions=multimodal_positions)
         self.live: dict[str, FakeReq] = {}
+        self.kv_writer = None  # (harness, req, slots, first position) -> None: custom prefill KV
         self.generator = torch.Generator().manual_seed(seed)
         self.start_available = self.allocator.available_size()
 
@@ -162,7 +170,7 @@ class Harness:
         row[end:] = 0
         req.kv.cache_protected_len = prefix_len
         req.kv.kv_allocated_len = req.kv.kv_committed_len = end
-        self.write_kv(slots)
+        self.write_kv(slots, req, prefix_len)
         self.live[req.rid] = req
         return True
 
@@ -180,7 +188,10 @@ class Harness:
         req.kv.kv_allocated_len = req.kv.kv_committed_len = end
         self.write_kv(slots)
 
-    def write_kv(self, slots: torch.Tensor) -> None:
+    def write_kv(self, slots: torch.Tensor, req=None, start: int = 0) -> None:
+        if self.kv_writer is not None and req is not None:
+            self.kv_writer(self, req, slots, start)
+            return
         for layer in range(NUM_LAYERS):
             shape = (slots.numel(), NUM_KV_HEADS, HEAD_DIM)
             self.kv_pool.k_buffer[layer][slots] = torch.randn(shape, generator=self.generator)
@@ -895,69 +906,173 @@ class TestUpstreamContract:
 
 
 # ================================================================= 8. memory cap (streams)
-class TestMemoryCap:
-    """A growing memory (one chunk of visual tokens per request) stays under its cap."""
+# ================================================================= 8. stream memories
+class TestStreamMemory:
+    """Stream memories in the tree: append-only ingest, questions off a version, re-basing.
 
-    CHUNK, TEXT, CAP = 24, 3, 40
+    KV is written as the model would: the key of token ``t`` at position ``p`` is its pre-RoPE key
+    rotated to ``p``; so after every append the kept keys must equal the pre-RoPE keys rotated to
+    the version's (re-based, contiguous) positions, and values must be untouched.
+    """
 
-    def stream_request(self, index: int, *, keep_sink: bool = True, namespace: str = "stream/a"):
-        ids, spans = [], []
-        for chunk in range(index + 1):
-            ids += tokens(self.TEXT, 5000 + 100 * chunk)
-            spans.append((len(ids), len(ids) + self.CHUNK))
-            ids += tokens(self.CHUNK, 10_000 + 100 * chunk)
-        ids += tokens(2, 9000)
-        overrides = {"retention": 0.5, "namespace": namespace, "memory_cap_tokens": self.CAP,
-                     "keep_sink": keep_sink}
-        return FakeReq(f"chunk-{namespace}-{index}", ids, flashcache=overrides, multimodal_spans=spans), spans
+    CHUNK, CAP = 20, 48
+    HEADER = tokens(6, 100)
 
-    def kept_visual(self, harness, req, spans) -> torch.Tensor:
-        row = harness.row(req)
-        # media tokens and their delimiters (the token before and after each span)
-        positions = torch.cat([torch.arange(b - 1, e + 1) for b, e in spans])
-        return positions[row[positions] != 0]
+    @staticmethod
+    def spec():
+        from flashcache_sglang.kernels.rotary import RotarySpec
 
-    def test_kept_visual_tokens_stay_under_the_cap(self):
-        harness = Harness(FlashCacheConfig(retention=0.5, candidates="multimodal", min_candidates=4),
-                          pool_size=512, max_context_len=512)
+        return RotarySpec.default_rope(HEAD_DIM, 100.0, 4096)
+
+    def harness(self, pool_size=600, **config):
+        from flashcache_sglang.kernels.rotary import apply_rotary_reference
+
+        spec = self.spec()
+        settings = dict(retention=0.5, candidates="text", min_candidates=4)
+        settings.update(config)
+        harness = Harness(FlashCacheConfig(**settings), pool_size=pool_size, max_context_len=512,
+                          rotary=lambda: spec)
+        harness.pre_rope = {}
+
+        def vectors(token: int):
+            if token not in harness.pre_rope:
+                generator = torch.Generator().manual_seed(token)
+                harness.pre_rope[token] = (torch.randn(NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, generator=generator),
+                                           torch.randn(NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, generator=generator))
+            return harness.pre_rope[token]
+
+        def writer(h, req, slots, start):
+            for offset, slot in enumerate(slots.tolist()):
+                position = start + offset
+                key, value = vectors(int(req.origin_input_ids[position]))
+                for layer in range(NUM_LAYERS):
+                    rotated = apply_rotary_reference(key[layer][None], torch.tensor([position]), spec)[0]
+                    h.kv_pool.k_buffer[layer][slot] = rotated
+                    h.kv_pool.v_buffer[layer][slot] = value[layer]
+
+        harness.kv_writer = writer
+        harness.vectors = vectors
+        return harness
+
+    @staticmethod
+    def request(rid, ids, **stream):
+        stream.setdefault("id", "cam")
+        return FakeReq(rid, ids, flashcache={"stream": stream})
+
+    def create(self, harness, req):
+        harness.cache.on_request_created(req)
+        return req
+
+    def append(self, harness, index, **stream):
+        ids = (self.HEADER if index == 0 else []) + tokens(self.CHUNK, 10_000 + 100 * index)
+        stream = {"op": "append", "cap_tokens": self.CAP, "chunk": index, "time_s": float(index), **stream}
+        if index == 0:
+            stream["start"] = True
+        req = self.create(harness, self.request(f"append-{index}", ids, **stream))
+        assert req.to_finish is None, req.to_finish
+        assert harness.start(req)
+        harness.finish(req)
+        return req
+
+    def current(self, harness, stream_id="cam"):
+        return harness.cache.streams.streams[stream_id].current
+
+    def check_version(self, harness, version):
+        from flashcache_sglang.kernels.rotary import apply_rotary_reference
+
+        slots = harness.cache.path_device_indices(version.node).long()
+        assert slots.numel() == version.length and bool((slots != 0).all())
+        assert torch.equal(version.positions, torch.arange(version.length))  # contiguous
+        for index, (token, slot) in enumerate(zip(version.token_ids.tolist(), slots.tolist())):
+            key, value = harness.vectors(token)
+            for layer in range(NUM_LAYERS):
+                expected = apply_rotary_reference(key[layer][None], torch.tensor([index]), self.spec())[0]
+                torch.testing.assert_close(harness.kv_pool.k_buffer[layer][slot], expected, rtol=1e-4, atol=1e-4)
+                assert torch.equal(harness.kv_pool.v_buffer[layer][slot], value[layer])
+
+    def test_appends_stay_under_the_cap_with_exact_rebased_keys(self):
+        harness = self.harness()
         for index in range(8):
-            req, spans = self.stream_request(index)
-            assert harness.start(req)
-            if index > 0:
-                assert req.prefix_len >= spans[-1][0] - self.TEXT  # the memory prefix was reused
-            harness.cache.checkpoint(req, up_to=len(req.origin_input_ids))
-            kept = self.kept_visual(harness, req, spans)
-            assert kept.numel() <= self.CAP
-            sink_begin, sink_end = spans[0]
-            assert int(((kept >= sink_begin) & (kept < sink_end)).sum()) == round(0.5 * self.CHUNK)
-            assert int(harness.row(req)[sink_begin - 1]) != 0 and int(harness.row(req)[sink_end]) != 0
+            previous = self.current(harness).length if index else 0
+            req = self.append(harness, index)
+            assert req.prefix_len == max(previous, 0)  # the whole memory was cached, only the chunk computed
+            version = self.current(harness)
+            assert version.number == index + 1
+            candidates = int(version.candidate_mask().sum())
+            assert candidates <= self.CAP
+            assert version.token_ids[:len(self.HEADER) + self.CHUNK].tolist() == \
+                self.HEADER + tokens(self.CHUNK, 10_000)  # header and sink chunk intact
+            report = req.customized_info["flashcache"][0]["stream"]
+            assert report["memory_tokens"] == version.length and report["capped_kv_slots"] == candidates
+            self.check_version(harness, version)
             harness.check()
-            harness.finish(req)
-            harness.check()
-        assert harness.cache.stats.shrink_dropped_tokens > 0
+        # Only the current version remains in the tree, locked.
+        assert harness.cache.protected_size() == self.current(harness).length
+        assert harness.cache.close_stream("cam")
+        harness.check()
         harness.evict_all()
         assert harness.allocator.available_size() == harness.start_available
 
-    def test_nodes_held_by_another_request_are_not_shrunk(self):
-        harness = Harness(FlashCacheConfig(retention=0.5, candidates="multimodal", min_candidates=4),
-                          pool_size=512, max_context_len=512)
-        for index in range(2):
-            harness.run(self.stream_request(index)[0])
-        reader, _ = self.stream_request(1)
-        reader.rid = "question"
-        reader.origin_input_ids = reader.origin_input_ids + array("q", [77])
-        reader.full_untruncated_fill_ids = reader.origin_input_ids
-        assert harness.start(reader)  # a question in flight holds the memory's nodes
-        held = harness.row(reader)[:reader.prefix_len].clone()
-        req, spans = self.stream_request(4)
-        assert harness.start(req)
-        harness.cache.checkpoint(req, up_to=len(req.origin_input_ids))
-        # Everything the in-flight question reads is still there and still allocated.
-        assert torch.equal(harness.cache.path_device_indices(reader.last_node)[:reader.prefix_len].to(held.dtype), held)
-        assert not set(held[held != 0].tolist()) & set(harness.free_slots())
-        # The new chunk's own (private) tokens were still shrunk to honour the cap where possible.
-        assert harness.cache.stats.shrink_dropped_tokens > 0
+    def test_every_chunk_keeps_a_footprint(self):
+        harness = self.harness(pool_size=900)
+        for index in range(30):
+            self.append(harness, index, footprint_s=2.0, cap_tokens=40)
+        footprint = self.current(harness).footprint()
+        # 30 chunks, one every second, segments of 2 s: at most 10 segments fit the floor (cap / 4),
+        # so segments widen to 4 s: every 4-second window keeps a token.
+        for window in range(0, 30, 4):
+            assert any(footprint.get(chunk, 0) for chunk in range(window, window + 4)), (window, footprint)
         harness.check()
-        harness.finish(req)
-        harness.abort(reader)
+
+    def test_a_question_reads_its_version_while_appends_replace_it(self):
+        harness = self.harness()
+        for index in range(3):
+            self.append(harness, index)
+        version = self.current(harness)
+        question = self.create(harness, self.request("ask-1", tokens(5, 7000), op="ask"))
+        assert question.origin_input_ids.tolist() == version.token_ids.tolist() + tokens(5, 7000)
+        assert harness.start(question)
+        assert question.prefix_len == version.length  # the whole memory is cached
+        held = harness.row(question)[:version.length].clone().long()
+        for index in range(3, 6):
+            self.append(harness, index)
+        # The question's version is still in the tree, untouched and allocated.
+        assert not set(held.tolist()) & set(harness.free_slots())
+        self.check_version(harness, version)
         harness.check()
+        harness.finish(question)  # its branch joins the old version, which is then deleted
+        harness.check()
+        assert version.node is None and version.lock is None
+        assert harness.cache.protected_size() == self.current(harness).length
+
+    def test_errors_are_named_and_leave_nothing_behind(self):
+        harness = self.harness()
+        lost = self.create(harness, self.request("a", tokens(3), op="append"))
+        assert lost.to_finish[0] == 404 and "unknown stream memory 'cam'" in lost.to_finish[1]
+        bad = self.create(harness, FakeReq("b", tokens(3), flashcache={"stream": {"id": "cam", "op": "fly"}}))
+        assert bad.to_finish[0] == 400 and "stream.op='fly'" in bad.to_finish[1]
+        worse = self.create(harness, FakeReq("c", tokens(3), retention=2))
+        assert worse.to_finish[0] == 400 and "retention=2" in worse.to_finish[1]
+        self.append(harness, 0)
+        first = self.create(harness, self.request("d", tokens(4, 9000), op="append"))
+        second = self.create(harness, self.request("e", tokens(4, 9100), op="append"))
+        assert first.to_finish is None and second.to_finish[0] == 409
+        harness.cache.release_aborted_request(SimpleHandle("d"))
+        harness.check()
+        assert not harness.cache.streams.requests
+
+    def test_flush_forgets_memories_and_frees_every_slot(self):
+        harness = self.harness()
+        for index in range(3):
+            self.append(harness, index)
+        harness.cache.reset()
+        assert not harness.cache.streams.streams
+        assert harness.allocator.available_size() == harness.start_available
+        lost = self.create(harness, self.request("x", tokens(2), op="ask"))
+        assert lost.to_finish[0] == 404
+
+
+class SimpleHandle:
+    def __init__(self, rid: str) -> None:
+        self.rid = rid
+        self.attempt_id = 0
