@@ -33,11 +33,11 @@ class RowCompression:
 
     num_candidates: int
     num_kept: int
-    dropped_positions: torch.Tensor  # [num_dropped] int64, ascending
+    dropped_positions: torch.Tensor  # [num_dropped] int64, ascending, on the row's device
 
     @property
     def num_dropped(self) -> int:
-        return int(self.dropped_positions.numel())
+        return self.num_candidates - self.num_kept
 
 
 def candidate_positions(
@@ -92,12 +92,18 @@ class CompressionController:
         free_slots: the allocator's ``free`` (``[n] int64`` slots).
         rotary: callable returning the model's RotarySpec (for re-basing stream memories), or
             None when the model's rotary embedding is not a table rotation.
+        reduce: with tensor parallelism, a callable summing a tensor over the TP group (each rank
+            holds its own KV heads): scores are reduced before selection, so every rank keeps
+            the same tokens. None with one rank.
     """
 
-    def __init__(self, kv_pool, free_slots, rotary=None) -> None:
+    def __init__(self, kv_pool, free_slots, rotary=None, reduce=None) -> None:
         self.kv_pool = kv_pool
         self.free_slots = free_slots
+        # Dropped candidates are never the sentinel: free them without the filtering pass.
+        self._free_known = getattr(free_slots, "unfiltered", free_slots)
         self.rotary = rotary
+        self.reduce = reduce
 
     # ------------------------------------------------------------------ buffers
     def _layers(self):
@@ -136,14 +142,19 @@ class CompressionController:
         policy = self.policy(config)
         if isinstance(policy, FlashCachePolicy):
             scores = score_span(self.key_buffers(), self.value_buffers(), slots, policy.gamma)
-            return _flashcache_shared(scores, policy)
+            return _flashcache_shared(scores, policy, self.reduce)
         keys = torch.stack([buffer[slots] for buffer in self.key_buffers()])
         values = torch.stack([buffer[slots] for buffer in self.value_buffers()])
         span = KVSpan(keys=keys, values=values,
                       candidate_mask=torch.ones(slots.numel(), dtype=torch.bool, device=keys.device))
         raw = torch.broadcast_to(policy.score(span).to(torch.float32),
                                  (span.num_layers, span.num_kv_heads, span.num_tokens))
-        return policy.combine_layers(policy.reduce_heads(raw, span), span).to(torch.float32)
+        if self.reduce is None:
+            layer = policy.reduce_heads(raw, span)
+        else:  # the mean over every rank's heads
+            packed = self.reduce(torch.cat([raw.sum(dim=1).flatten(), raw.new_tensor([raw.shape[1]])]))
+            layer = packed[:-1].view(raw.shape[0], raw.shape[2]) / packed[-1]
+        return policy.combine_layers(layer, span).to(torch.float32)
 
     def keep_mask(self, slots: torch.Tensor, num_keep: int, config: FlashCacheConfig,
                   protected: torch.Tensor | None = None) -> torch.Tensor:
@@ -161,21 +172,27 @@ class CompressionController:
         return mask
 
     def compress(self, row: torch.Tensor, positions: torch.Tensor, config: FlashCacheConfig) -> RowCompression:
-        """Drop the low-deviation candidates at ``positions`` of ``row`` (edited in place)."""
+        """Drop the low-deviation candidates at ``positions`` of ``row`` (edited in place).
+
+        No host synchronisation: counts are known on the host (``num_keep`` is decided before
+        scoring), the dropped candidates are taken with a stable sort instead of a boolean mask
+        (a data-dependent shape), and their slots go to the allocator without the sentinel filter.
+        """
         num_candidates = int(positions.numel())
         empty = torch.empty(0, dtype=torch.int64)
         if config.retention >= 1.0 or num_candidates < max(config.min_candidates, 1):
             return RowCompression(num_candidates, num_candidates, empty)
-        positions = positions.to(row.device)
+        positions = positions.to(row.device, non_blocking=True)
         slots = row[positions].to(torch.int64)
         if _debug() and bool((slots == SENTINEL_SLOT).any()):
             raise RuntimeError("compressing a row position that is already dropped: double compression")
         num_keep = round(config.retention * num_candidates)
         keep = self.keep_mask(slots, num_keep, config)
-        dropped = positions[~keep]
-        self.free_slots(slots[~keep])
-        row[dropped] = SENTINEL_SLOT
-        return RowCompression(num_candidates, num_keep, dropped.cpu())
+        dropped = torch.argsort(keep.to(torch.int8), stable=True)[: num_candidates - num_keep]
+        self._free_known(slots[dropped])
+        dropped_positions = positions[dropped]
+        row[dropped_positions] = SENTINEL_SLOT
+        return RowCompression(num_candidates, num_keep, dropped_positions)
 
     # ------------------------------------------------------------------ moving kept KV
     def move_slots(self, source: torch.Tensor, destination: torch.Tensor,
@@ -210,15 +227,24 @@ class CompressionController:
         return count
 
 
-def _flashcache_shared(scores, policy: FlashCachePolicy) -> torch.Tensor:
+def _flashcache_shared(scores, policy: FlashCachePolicy, reduce=None) -> torch.Tensor:
     """FlashCache's shared-set ranking from pool-direct scores (device ops only): each layer's
-    deviation normalised by its mean, layers weighted by high-frequency energy (DBA's signal)
-    or uniformly without DBA."""
-    layer = scores.deviation.mean(dim=1)  # [L, N]
+    deviation (mean over every KV head, all TP ranks included) normalised by its mean over the
+    tokens, layers weighted by their heads' mean high-frequency energy ratio (DBA's signal), or
+    uniformly without DBA. With ``reduce`` the per-rank sums are added over the TP group in one
+    collective first."""
+    deviation_sum = scores.deviation.sum(dim=1)  # [L, N]
+    ratio_sum = scores.high_freq_ratio_per_head.to(deviation_sum.device, torch.float32).sum(dim=1)  # [L]
+    num_heads = deviation_sum.new_tensor([scores.deviation.shape[1]])
+    if reduce is not None:
+        packed = reduce(torch.cat([deviation_sum.flatten(), ratio_sum, num_heads]))
+        deviation_sum = packed[: deviation_sum.numel()].view_as(deviation_sum)
+        ratio_sum = packed[deviation_sum.numel(): -1]
+        num_heads = packed[-1:]
+    layer = deviation_sum / num_heads
     normalised = layer / layer.mean(dim=-1, keepdim=True).clamp_min(1e-30)
     if getattr(policy, "dba", False):
-        weights = scores.high_freq_ratio.to(normalised.device, torch.float32)
-        weights = weights / weights.sum().clamp_min(1e-12)
+        weights = ratio_sum / ratio_sum.sum().clamp_min(1e-12)
     else:
         weights = torch.full((layer.shape[0],), 1.0 / layer.shape[0], device=normalised.device)
     return (weights[:, None] * normalised).sum(dim=0).to(torch.float32)

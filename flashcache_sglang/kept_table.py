@@ -103,7 +103,7 @@ class KeptKVTable:
     def rows_changed(self, rows: Sequence[int], lengths: Sequence[int], *, recount: bool = True) -> None:
         """Rows the cache just edited in place, anywhere in ``[0, length)``.
 
-        The cache edits a row when it compresses it, when a memory cap shrinks it, and when a
+        The cache edits a row when it compresses it and when a
         checkpoint adopts the tree's values for a span another request inserted first (SGLang
         frees the request's duplicate slots and points the row at the tree's: other slot numbers,
         and in a compressed namespace possibly the sentinel where this request kept a token, or

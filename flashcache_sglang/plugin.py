@@ -50,7 +50,8 @@ def make_radix_cache(ctx):
     stats = CompressionStats()
     rotary = _rotary_provider(ctx)
     cache = CompressedRadixCache(ctx.params, config, kv_pool=kv_pool, stats=stats, rotary=rotary,
-                                 multimodal_positions=upstream.model_uses_mrope(ctx))
+                                 multimodal_positions=upstream.model_uses_mrope(ctx),
+                                 reduce=upstream.tensor_parallel_sum(ctx))
     stats.probe = lambda: {
         "allocator_available": int(allocator.available_size()),
         "allocator_size": int(allocator.size),

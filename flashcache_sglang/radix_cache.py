@@ -69,7 +69,7 @@ class CompressedRadixCache(RadixCache):
     """
 
     def __init__(self, params, config: FlashCacheConfig, kv_pool=None, stats: Optional[CompressionStats] = None,
-                 rotary=None, multimodal_positions: bool = False):
+                 rotary=None, multimodal_positions: bool = False, reduce=None):
         if params.page_size != 1:
             raise ValueError(
                 f"flashcache needs --page-size 1 (got {params.page_size}): with larger pages a "
@@ -85,7 +85,7 @@ class CompressedRadixCache(RadixCache):
         if allocator is not None:
             upstream.filter_sentinel_frees(allocator)
         self.compressor = (
-            CompressionController(kv_pool, allocator.free, rotary=rotary)
+            CompressionController(kv_pool, allocator.free, rotary=rotary, reduce=reduce)
             if kv_pool is not None and allocator is not None else None
         )
         # rid -> compression state of requests still running (dropped when they are released)
@@ -239,12 +239,15 @@ class CompressedRadixCache(RadixCache):
         self.stats.record(result.num_candidates, result.num_kept, elapsed, publish=False)
         self._freed_slots += result.num_dropped
         held = row[:prompt_len] != SENTINEL_SLOT
-        media = torch.zeros_like(held)
+        media = torch.zeros(prompt_len, dtype=torch.bool)
         for begin, end in spans:
             media[begin:end] = True
+        media = media.to(held.device, non_blocking=True)
+        # The request's one host synchronisation: both counts in one read.
+        prompt_kv_slots, media_kv_slots = torch.stack([held.sum(), (held & media).sum()]).tolist()
         upstream.report_to_request(req, candidates=result.num_candidates, kept=result.num_kept,
-                                   prompt_tokens=prompt_len, prompt_kv_slots=int(held.sum()),
-                                   media_kv_slots=int((held & media).sum()))
+                                   prompt_tokens=prompt_len, prompt_kv_slots=prompt_kv_slots,
+                                   media_kv_slots=media_kv_slots)
         if result.num_dropped:
             logger.debug("request %s: kept %d of %d candidates (%.1f ms)", rid, result.num_kept,
                          result.num_candidates, elapsed * 1e3)
@@ -335,6 +338,7 @@ class CompressedRadixCache(RadixCache):
         elapsed = time.perf_counter() - started
         kept_new = int(keep[memory_len:][candidates[memory_len:]].sum())
         self.stats.record(new_candidates, kept_new, elapsed, publish=False)
+        self.stats.record_memory_drop(int((~keep[:memory_len]).sum()))
         self._freed_slots += int(dropped_own.numel())
         upstream.report_to_request(
             req, candidates=new_candidates, kept=kept_new, prompt_tokens=length,

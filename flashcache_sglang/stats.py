@@ -32,7 +32,7 @@ def _prometheus() -> Optional[dict]:
                                   "Prompt tokens FlashCache was allowed to drop"),
             "kept": Counter("flashcache_kept_tokens_total", "Candidate tokens FlashCache kept"),
             "saved": Counter("flashcache_kv_slots_saved_total",
-                             "KV slots FlashCache freed (dropped candidates and memory-cap shrinking)"),
+                             "KV slots FlashCache freed (dropped candidates and older tokens a stream memory dropped at its cap)"),
             "seconds": Counter("flashcache_compression_seconds_total", "Time spent compressing rows"),
         }
     return _prometheus_counters
@@ -43,7 +43,7 @@ class CompressionStats:
     """Cumulative counters; ``snapshot()`` adds whatever ``probe`` reports (pool state)."""
 
     requests_compressed: int = 0
-    shrink_dropped_tokens: int = 0
+    memory_dropped_tokens: int = 0
     candidate_tokens: int = 0
     kept_tokens: int = 0
     compression_seconds: float = 0.0
@@ -74,9 +74,9 @@ class CompressionStats:
         if publish:
             self.publish()
 
-    def record_shrink(self, dropped: int) -> None:
+    def record_memory_drop(self, dropped: int) -> None:
         with self._lock:
-            self.shrink_dropped_tokens += dropped
+            self.memory_dropped_tokens += dropped
         counters = _prometheus()
         if counters is not None:
             counters["saved"].inc(dropped)
@@ -84,7 +84,7 @@ class CompressionStats:
     def snapshot(self) -> dict:
         data = {
             "requests_compressed": self.requests_compressed,
-            "shrink_dropped_tokens": self.shrink_dropped_tokens,
+            "memory_dropped_tokens": self.memory_dropped_tokens,
             "candidate_tokens": self.candidate_tokens,
             "kept_tokens": self.kept_tokens,
             "compression_seconds": self.compression_seconds,

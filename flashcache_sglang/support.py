@@ -98,11 +98,8 @@ REFUSALS: tuple[Refusal, ...] = (
             switch=True),
     Refusal("enable_streaming_session", _truthy,
             "streaming sessions live inside SGLang's UnifiedRadixCache, not flashcache's tree "
-            "(use flashcache's stream namespaces: custom_params.flashcache.namespace)", switch=True),
+            "(use flashcache's stream memories: custom_params.flashcache.stream)", switch=True),
     Refusal("dcp_size", _greater_than_one, "decode context parallelism shards KV by position"),
-    Refusal("tp_size", _greater_than_one,
-            "tensor parallelism: each rank scores only its own KV heads, so ranks would drop different "
-            "tokens and their trees would diverge (not handled yet)"),
     Refusal("pp_size", _greater_than_one,
             "pipeline parallelism: each stage scores only its own layers, so stages would drop different tokens"),
     Refusal("enable_dp_attention", _truthy, "data-parallel attention pads batches across ranks behind the "

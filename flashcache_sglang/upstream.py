@@ -316,6 +316,15 @@ def build_context_facts(ctx) -> dict[str, bool]:
     }
 
 
+def tensor_parallel_sum(ctx):
+    """A callable summing a tensor over the scheduler's TP group (SGLang's GroupCoordinator
+    ``all_reduce``), or None with a single rank."""
+    if int(getattr(ctx, "tp_size", 1) or 1) <= 1 or getattr(ctx, "tp_group", None) is None:
+        return None
+    group = ctx.tp_group
+    return lambda tensor: group.all_reduce(tensor.contiguous())
+
+
 def context_model(ctx):
     """The scheduler's model (``tp_worker.model_runner.model``), or None in simulations."""
     runner = ctx.tp_worker.model_runner if ctx.tp_worker is not None else None
@@ -401,17 +410,24 @@ def filter_sentinel_frees(allocator) -> None:
     inner = allocator.free
     debug = os.environ.get("FLASHCACHE_DEBUG") == "1"
 
-    def free(free_index):
-        if free_index.numel():
-            free_index = free_index[free_index != 0]
+    def unfiltered(free_index):
+        """Free slots known not to hold the sentinel (no filtering pass: no device sync)."""
         if debug and free_index.numel():
             free_now = set(allocator.free_pages.tolist()) | set(getattr(allocator, "release_pages", free_index[:0]).tolist())
             doubled = sorted(set(free_index.tolist()) & free_now)
+            if 0 in free_index.tolist():
+                raise RuntimeError("the sentinel slot 0 was passed to an unfiltered free")
             if doubled or len(set(free_index.tolist())) != free_index.numel():
                 raise RuntimeError(f"double free of KV slots {doubled[:10]}")
         return inner(free_index)
 
+    def free(free_index):
+        if free_index.numel():
+            free_index = free_index[free_index != 0]
+        return unfiltered(free_index)
+
     free._flashcache_filtered = True
+    free.unfiltered = unfiltered
     allocator.free = free
 
 

@@ -262,9 +262,9 @@ def _new_request(rng: random.Random, index: int, bases) -> FakeReq:
     length = rng.randrange(max(12, shared), 80)
     prompt = base[:shared] + [rng.randrange(1, 400) for _ in range(length - shared)]
     if rng.random() < 0.15 and length > 30:
-        # A stream-like request: a media span under a memory cap (the cache shrinks old media).
+        # A multimodal request in an explicit namespace: only its media spans are candidates.
         return FakeReq(f"r{index}", prompt, multimodal_spans=[(4, 14), (16, 28)],
-                       flashcache={"retention": 0.5, "memory_cap_tokens": 12, "namespace": "stream/a"})
+                       flashcache={"retention": 0.5, "namespace": "media/a"})
     return FakeReq(f"r{index}", prompt, retention=rng.choice([None, None, 1.0, 0.25, 0.5]))
 
 
@@ -307,7 +307,6 @@ def test_table_equals_the_per_step_rebuild(seed, overlap, monkeypatch):
     counts = scheduler.counts
     assert min(counts[k] for k in ("extend", "decode", "chunk", "finish", "evict")) > 0, counts
     assert harness.cache.stats.requests_compressed > 5
-    assert harness.cache.stats.shrink_dropped_tokens > 0
     assert set(scheduler.decode_syncs) == {0}, "a decode step read something back from the device"
     # Exactly one device->host copy per extend forward, none before anything was ever dropped.
     first = next(i for i, n in enumerate(scheduler.extend_syncs) if n)

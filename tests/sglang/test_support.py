@@ -40,7 +40,7 @@ REFUSED_FLAGS = [
     (["--enable-hierarchical-cache"], "--enable-hierarchical-cache: the hierarchical (host) cache"),
     (["--attention-backend", "trtllm_mha"], "--attention-backend trtllm_mha: flashcache wraps only"),
     (["--decode-attention-backend=flex_attention"], "--decode-attention-backend flex_attention"),
-    (["--tp-size", "2"], "--tp-size 2: tensor parallelism"),
+    (["--pp-size", "2"], "--pp-size 2: pipeline parallelism"),
     (["--kv-cache-dtype", "fp8_e4m3"], "--kv-cache-dtype fp8_e4m3: quantized KV pools"),
     (["--disable-radix-cache"], "--disable-radix-cache: flashcache is a radix cache"),
     (["--radix-cache-backend", "flexkv"], "--radix-cache-backend flexkv: conflicts"),
@@ -49,7 +49,7 @@ REFUSED_FLAGS = [
 ]
 ALLOWED_FLAGS = [
     ["--attention-backend", "fa3"], ["--attention-backend", "triton"], ["--attention-backend", "flashinfer"],
-    ["--page-size", "1"], ["--tp-size", "1"], ["--kv-cache-dtype", "bfloat16"],
+    ["--page-size", "1"], ["--tp-size", "1"], ["--tp-size", "2"], ["--kv-cache-dtype", "bfloat16"],
     ["--cuda-graph-backend-prefill", "disabled"], ["--cuda-graph-backend-decode", "full"],
 ]
 
@@ -68,9 +68,9 @@ def test_allowed_settings_pass(argv):
 
 def test_every_reason_is_reported_at_once():
     with pytest.raises(support.UnsupportedSetting) as error:
-        check_sglang_args(["--page-size", "16", "--enable-hierarchical-cache", "--tp-size", "4"])
+        check_sglang_args(["--page-size", "16", "--enable-hierarchical-cache", "--pp-size", "4"])
     assert str(error.value).count(": ") >= 3
-    for needle in ("--page-size 16", "--enable-hierarchical-cache", "--tp-size 4"):
+    for needle in ("--page-size 16", "--enable-hierarchical-cache", "--pp-size 4"):
         assert needle in str(error.value)
 
 
