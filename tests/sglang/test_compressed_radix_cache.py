@@ -1076,3 +1076,65 @@ class SimpleHandle:
     def __init__(self, rid: str) -> None:
         self.rid = rid
         self.attempt_id = 0
+
+
+# ================================================================= 9. host synchronisations
+class HostReadCounter(torch.Tensor):
+    """A tensor that counts what would make a CUDA device synchronise with the host: reading
+    values (item, tolist, bool/int/float, numpy, cpu) and data-dependent shapes (boolean-mask
+    indexing, nonzero, unique). Every op on it returns a counted tensor too."""
+
+    reads: list = []
+    _READS = {"item", "tolist", "__bool__", "__int__", "__float__", "numpy", "cpu", "nonzero", "masked_select",
+              "unique", "argwhere", "any", "all"}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in cls._READS and name not in ("any", "all"):
+            cls.reads.append(name)
+        if name in ("__getitem__", "__setitem__") and len(args) > 1:
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index):
+                cls.reads.append("boolean mask " + name)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+class TestHostSyncs:
+    """Compression reads nothing back from the device until the request's report (one read)."""
+
+    @pytest.fixture(autouse=True)
+    def _no_debug_checks(self, monkeypatch):
+        monkeypatch.delenv("FLASHCACHE_DEBUG")  # its double-free checks read the allocator back on purpose
+
+    def harness(self):
+        harness = Harness(FlashCacheConfig(retention=0.25, candidates="text", sink_tokens=2, recent_tokens=2,
+                                           min_candidates=4), pool_size=256)
+        pool = harness.kv_pool
+        pool.k_buffer = [b.as_subclass(HostReadCounter) for b in pool.k_buffer]
+        pool.v_buffer = [b.as_subclass(HostReadCounter) for b in pool.v_buffer]
+        harness.req_to_token_pool.req_to_token = harness.req_to_token_pool.req_to_token.as_subclass(HostReadCounter)
+        return harness
+
+    def test_the_compression_pipeline_reads_nothing_back(self):
+        harness = self.harness()
+        req = FakeReq("a", tokens(60))
+        assert harness.start(req)
+        row = harness.row(req)
+        positions = torch.arange(2, 58)
+        HostReadCounter.reads = []
+        result = harness.cache.compressor.compress(row, positions, harness.config)
+        assert HostReadCounter.reads == [], HostReadCounter.reads
+        assert result.num_kept == 14 and int((row[:60] == 0).sum()) == 42
+        harness.abort(req)  # (finishing would compress it a second time through checkpoint)
+        harness.check()
+
+    def test_a_compressed_request_reads_back_once(self):
+        harness = self.harness()
+        req = FakeReq("a", tokens(60))
+        assert harness.start(req)
+        HostReadCounter.reads = []
+        assert harness.cache._maybe_compress(req, 60)
+        assert HostReadCounter.reads == ["tolist"], HostReadCounter.reads  # the report's two counts
+        harness.finish(req)
+        harness.check()

@@ -174,3 +174,51 @@ def test_stream_memory_in_a_real_server(vl_server, redis_url, namespace, tmp_pat
     vl_server.flush_cache()
     flush = vl_server.stats()["last_flush"]
     assert flush and flush["available_after_evict"] == flush["allocator_size"], flush
+
+
+def test_live_camera_and_service_restarts_keep_one_memory(vl_server, rtsp_server, redis_url, namespace, tmp_path):
+    """A live RTSP camera into the server-held memory: the camera drops and comes back, then the
+    service restarts; the memory continues on the server (no rebuild), chunk indices have no
+    gap and no duplicate, and nothing leaks."""
+    from flashcache_sglang.streaming.sources import BackoffSettings
+    from flashcache_sglang.streaming.store import RedisStore
+
+    from .test_rtsp import wait_for_chunks
+
+    config = StreamConfig(
+        sampling=SamplingSettings(fps=FPS, max_pixels=112 * 112),
+        chunking=ChunkSettings(frames=FRAMES_PER_CHUNK),
+        budget=BudgetSettings(kv_cap_tokens=CAP, base_retention=RETENTION, energy_exponent=0.0),
+        backoff=BackoffSettings(initial_s=0.2, max_s=1.0, open_attempts=3),
+    )
+    chunks_dir = str(tmp_path / "chunks")
+    first = StreamManager(RedisStore(redis_url, namespace=namespace),
+                          SGLangMemoryBackend(vl_server.url, chunks_dir, fps=FPS, video_transport="path"))
+    stream_id, token = first.start_stream(rtsp_server.url, config)
+    wait_for_chunks(first, stream_id, 2, timeout_s=90)
+    rtsp_server.stop()
+    rtsp_server.start()
+    before = first.progress(stream_id).chunks
+    wait_for_chunks(first, stream_id, before + 2, timeout_s=90)
+    memory = first.backend.last_report(stream_id)
+    first.shutdown()  # the service restarts; the server keeps the memory
+
+    backend = SGLangMemoryBackend(vl_server.url, chunks_dir, fps=FPS, video_transport="path")
+    second = StreamManager(RedisStore(redis_url, namespace=namespace), backend)
+    assert second.resume_all() == [stream_id]
+    try:
+        wait_for_chunks(second, stream_id, 2, timeout_s=90)
+        report = backend.last_report(stream_id)
+        assert report["version"] > memory["version"] and backend._state(stream_id).rebuilds == 0
+        answer = second.ask(stream_id, token, "still there?")
+        assert answer.text and answer.cached_tokens > 0
+    finally:
+        second.stop_stream(stream_id, token)
+    chunks = second.store.chunks(stream_id)
+    assert [c.index for c in chunks] == list(range(len(chunks))), "no gap, no duplicate"
+    # One memory across both restarts: one version per appended chunk, never restarted.
+    assert report["version"] == report["chunks_appended"] <= len(chunks)
+    second.delete_stream(stream_id, token)
+    vl_server.flush_cache()
+    flush = vl_server.stats()["last_flush"]
+    assert flush["available_after_evict"] == flush["allocator_size"], flush
