@@ -21,7 +21,8 @@ from . import cpu_compat, support
 from .config import ENV_VAR, FlashCacheConfig
 from .launch_server import CPU_MAX_TOTAL_TOKENS
 
-_FIELDS = {"retention", "gamma", "policy", "candidates", "sink_tokens", "recent_tokens", "min_candidates"}
+_FIELDS = {"retention", "gamma", "policy", "candidates", "sink_tokens", "recent_tokens", "min_candidates",
+           "stream_max", "stream_idle_timeout_s"}
 
 CPU_ENGINE_DEFAULTS = {"device": "cpu", "attention_backend": "torch_native", "disable_cuda_graph": True,
                        "sampling_backend": "pytorch", "grammar_backend": "none"}

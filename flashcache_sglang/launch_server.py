@@ -53,6 +53,10 @@ def add_flashcache_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--flashcache-sink-tokens", type=int, default=default.sink_tokens)
     group.add_argument("--flashcache-recent-tokens", type=int, default=default.recent_tokens)
     group.add_argument("--flashcache-min-candidates", type=int, default=default.min_candidates)
+    group.add_argument("--flashcache-stream-max", type=int, default=default.stream_max,
+                       help="most stream memories the server holds at once (a new one beyond it: 503)")
+    group.add_argument("--flashcache-stream-idle-timeout", type=float, default=default.stream_idle_timeout_s,
+                       help="close a stream memory unused for this many seconds (0: never)")
 
 
 def config_from_args(args: argparse.Namespace) -> FlashCacheConfig:
@@ -60,7 +64,8 @@ def config_from_args(args: argparse.Namespace) -> FlashCacheConfig:
         retention=args.flashcache_retention, gamma=args.flashcache_gamma,
         policy=args.flashcache_policy, candidates=args.flashcache_candidates,
         sink_tokens=args.flashcache_sink_tokens, recent_tokens=args.flashcache_recent_tokens,
-        min_candidates=args.flashcache_min_candidates,
+        min_candidates=args.flashcache_min_candidates, stream_max=args.flashcache_stream_max,
+        stream_idle_timeout_s=args.flashcache_stream_idle_timeout,
     )
 
 
