@@ -54,6 +54,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rebuild-chunks", type=int, default=16,
                         help="chunks besides the sink re-appended when a memory is rebuilt (and so the chunk files "
                              "kept per stream; default 16)")
+    parser.add_argument("--max-answer-tokens", type=int, default=64, help="answer length for the SGLang backend (default 64)")
     group = parser.add_argument_group("several SGLang workers")
     defaults = WorkerSettings()
     group.add_argument("--worker-health-every", type=float, default=defaults.health_every_s,
@@ -177,7 +178,8 @@ def build_backend(args: argparse.Namespace) -> MemoryBackend:
 
     urls = parse_worker_urls(args.sglang_url)
     chunk_dir = args.chunk_dir or os.path.join(tempfile.gettempdir(), "flashcache-stream-chunks")
-    options = dict(fps=getattr(args, "fps", 2.0), video_transport=args.video_transport, rebuild_chunks=args.rebuild_chunks)
+    options = dict(fps=getattr(args, "fps", 2.0), video_transport=args.video_transport, rebuild_chunks=args.rebuild_chunks,
+                   max_answer_tokens=args.max_answer_tokens)
     if len(urls) == 1:
         return SGLangMemoryBackend(urls[0], chunk_dir, **options)
     from .workers import InMemoryPlacement, MultiWorkerMemoryBackend, RedisPlacement

@@ -12,10 +12,13 @@ pieces make that work with several workers and several service replicas:
   chunks and never past it, so the caps are what each worker will hold. Ties go to the
   stream's rendezvous-hash order. Placing is one Lua script (read the loads, choose, record),
   so two replicas placing at once cannot both see the same worker as emptiest.
-- **Health** (:class:`WorkerPool`): each replica probes every worker's ``/health`` every
-  ``health_every_s``; ``fail_after`` failed probes in a row mark a worker down, one success
-  marks it up. A request that cannot connect to its worker probes it at once and, when that
-  fails too, marks it down without waiting.
+- **Health** (:class:`WorkerPool`): each replica probes every worker's ``/ping`` every
+  ``health_every_s`` (SGLang's flag check: started, not unhealthy, not shutting down; its
+  ``/health`` runs a one-token generation and waits at least a second, too heavy to poll);
+  ``fail_after`` failed probes in a row mark a worker down, one success marks it up. A
+  request that cannot connect to its worker probes it at once and, when that fails too, marks
+  it down without waiting. A worker whose scheduler hangs keeps answering ``/ping``: requests
+  to it time out (``timeout_s``) and SGLang's own watchdog ends such a server.
 - **Failover** (:class:`MultiWorkerMemoryBackend`): a stream whose worker is down is placed
   again on a live worker (the same script: a placement on a worker outside the live set is
   replaced), and the request raises :class:`WorkerLost`, a ``MemoryLost``: the
@@ -83,7 +86,8 @@ class WorkerSettings:
     """Health checking of the workers.
 
     Attributes:
-        health_every_s: seconds between two probes of a worker's ``/health`` (> 0).
+        health_path: the endpoint probed (200: up).
+        health_every_s: seconds between two probes of a worker (> 0).
         health_timeout_s: a probe that takes longer fails (> 0).
         fail_after: failed probes in a row that mark a worker down (>= 1). A request that
             cannot connect marks it down after one more failed probe.
@@ -91,6 +95,7 @@ class WorkerSettings:
             in flight, e.g. another replica rebuilding it) is retried before failing.
     """
 
+    health_path: str = "/ping"
     health_every_s: float = 2.0
     health_timeout_s: float = 2.0
     fail_after: int = 2
@@ -101,6 +106,8 @@ class WorkerSettings:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"{name}={value!r} must be a number > 0")
+        if not self.health_path.startswith("/"):
+            raise ValueError(f"health_path={self.health_path!r} must start with '/'")
         if not isinstance(self.fail_after, int) or self.fail_after < 1:
             raise ValueError(f"fail_after={self.fail_after!r} must be an int >= 1")
         if not isinstance(self.conflict_wait_s, (int, float)) or self.conflict_wait_s < 0:
@@ -351,13 +358,14 @@ class WorkerPool:
             return [WorkerState(**vars(self._states[url])) for url in self.urls]
 
     def probe(self, url: str) -> str:
-        """"" when the worker answers ``/health`` with 200 in time, else why not."""
+        """"" when the worker answers the health probe with 200 in time, else why not."""
+        path = self.settings.health_path
         try:
-            response = self._http.get(f"{url}/health", timeout=self.settings.health_timeout_s)
+            response = self._http.get(f"{url}{path}", timeout=self.settings.health_timeout_s)
         except requests.RequestException as error:
             return f"{type(error).__name__}: {error}"
         response.close()
-        return "" if response.status_code == 200 else f"/health answered {response.status_code}"
+        return "" if response.status_code == 200 else f"{path} answered {response.status_code}"
 
     def check(self, url: str) -> bool:
         """Probe one worker and update its state; returns whether it is up."""

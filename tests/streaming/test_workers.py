@@ -66,7 +66,7 @@ class FakeWorker:
                 pass
 
             def do_GET(self):
-                self._send(200 if self.path == "/health" else 404, b"")
+                self._send(200 if self.path == "/ping" else 404, b"")
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -179,7 +179,7 @@ def test_worker_urls_repeat_or_comma_separated():
                          (["http://a:1", "http://a:1/"], "more than once")]:
         with pytest.raises(ValueError, match=message):
             parse_worker_urls(bad)
-    for bad in [dict(health_every_s=0), dict(fail_after=0), dict(conflict_wait_s=-1)]:
+    for bad in [dict(health_every_s=0), dict(fail_after=0), dict(conflict_wait_s=-1), dict(health_path="ping")]:
         with pytest.raises(ValueError, match=next(iter(bad))):
             WorkerSettings(**bad)
 
