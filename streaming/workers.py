@@ -117,16 +117,16 @@ class WorkerSettings:
 def parse_worker_urls(values: Sequence[str]) -> list[str]:
     """Worker URLs from repeated and/or comma-separated values, without trailing slashes.
 
-    Raises ValueError for an empty list, a URL that is not ``http(s)://host[:port]`` or one
-    given twice."""
+    Raises ValueError for an empty list, a URL that is not ``http(s)://host[:port][/path]``
+    or one given twice."""
     urls = [part.strip().rstrip("/") for value in values for part in value.split(",") if part.strip()]
     if not urls:
         raise ValueError("no SGLang worker URL given (--sglang-url http://host:port, repeat or comma-separate for several)")
     for url in urls:
         scheme, _, rest = url.partition("://")
-        if scheme not in ("http", "https") or not rest or "/" in rest:
-            raise ValueError(f"SGLang worker URL {sanitize_url(url)!r} must look like http(s)://host:port")
-    duplicates = sorted({url for url in urls if urls.count(url) > 1})
+        if scheme not in ("http", "https") or not rest or rest.startswith("/"):
+            raise ValueError(f"SGLang worker URL {sanitize_url(url)!r} must look like http(s)://host:port[/path]")
+    duplicates = sorted({sanitize_url(url) for url in urls if urls.count(url) > 1})
     if duplicates:
         raise ValueError(f"SGLang worker URLs given more than once: {duplicates}")
     return urls

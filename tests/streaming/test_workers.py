@@ -174,8 +174,9 @@ BUDGET = BudgetSettings(kv_cap_tokens=CAP, base_retention=0.5)
 
 
 def test_worker_urls_repeat_or_comma_separated():
-    assert parse_worker_urls(["http://a:1,http://b:2/", "https://c:3"]) == ["http://a:1", "http://b:2", "https://c:3"]
-    for bad, message in [([], "no SGLang worker"), (["a:1"], "must look like"), (["http://a:1/x"], "must look like"),
+    assert parse_worker_urls(["http://a:1,http://b:2/", "https://c:3/sglang"]) == ["http://a:1", "http://b:2",
+                                                                                 "https://c:3/sglang"]
+    for bad, message in [([], "no SGLang worker"), (["a:1"], "must look like"), (["http:///x"], "must look like"),
                          (["http://a:1", "http://a:1/"], "more than once")]:
         with pytest.raises(ValueError, match=message):
             parse_worker_urls(bad)

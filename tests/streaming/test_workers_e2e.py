@@ -234,7 +234,7 @@ def test_a_dead_workers_streams_move_and_are_rebuilt(cluster):
                    for s, info in infos.items())
         return done and infos
 
-    infos = _wait(continued, 240, "every stream to ingest 2 more chunks on the surviving worker")
+    _wait(continued, 240, "every stream to ingest 2 more chunks on the surviving worker")
     print(f"\nworker killed: all {len(moved)} moved streams ingested 2 more chunks on the other worker after "
           f"{time.monotonic() - killed_at:.1f} s")
     for stream_id in moved:
