@@ -4,7 +4,8 @@
                                           "chunk_seconds"?, "max_pixels"?, "pace"?, "budget"?: {...}}
                                           -> 201 {"stream_id", "token"}
     GET    /streams                      the caller's tenant's streams: ids, statuses (operator key)
-    GET    /streams/{id}                 metadata (stream token or operator key)
+    GET    /streams/{id}                 metadata (stream token or operator key; an operator also sees
+                                          the ``owner`` replica and, over several workers, the ``worker``)
     GET    /streams/{id}/chunks?start=N  chunk records (stream token or operator key)
     GET    /streams/{id}/memory          logical vs kept tokens (stream token or operator key)
     POST   /streams/{id}/ask             {"question", "conversation_id"?} -> answer (token or key)
@@ -223,6 +224,9 @@ def create_app(manager: StreamManager, authenticator: Optional[Authenticator] = 
         info = record.public_dict()
         if tenant is not None:  # which replica ingests it: the operator's business only
             info["owner"] = await guarded(manager.owner, stream_id)
+            worker_of = getattr(manager.backend, "worker_of", None)  # several SGLang workers (streaming.workers)
+            if worker_of is not None:
+                info["worker"] = await guarded(worker_of, stream_id)
         return info
 
     @app.get("/streams/{stream_id}/chunks")

@@ -7,7 +7,9 @@
     flashcache-stream ask --api URL STREAM_ID TOKEN QUESTION
 
 Without ``--sglang-url`` the memory is the in-process backend (token accounting and budgets,
-no model: answers are labelled summaries). Without ``--redis-url`` metadata stays in process.
+no model: answers are labelled summaries). Several ``--sglang-url`` spread the streams over
+SGLang workers (streaming.workers: placement shared through ``--redis-url``, a dead worker's
+streams moved and their memories rebuilt). Without ``--redis-url`` metadata stays in process.
 
 ``serve`` needs operator API keys (``keys create`` into the same Redis and namespace, or an
 ``--api-keys`` file) and applies the operator's source policy (default: rtsp/rtsps/http/https
@@ -35,6 +37,7 @@ from .service import StreamConfig, StreamManager
 from .source_policy import SourcePolicy
 from .sources import SamplingSettings, SourceError
 from .store import DEFAULT_NAMESPACE, StoreUnavailable, open_store
+from .workers import WorkerSettings, parse_worker_urls
 
 __all__ = ["main", "build_parser"]
 
@@ -42,9 +45,22 @@ __all__ = ["main", "build_parser"]
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-url", default=os.environ.get("FLASHCACHE_REDIS_URL"), help="metadata store (default: in process)")
     parser.add_argument("--namespace", default=DEFAULT_NAMESPACE, help="Redis key namespace of this deployment")
-    parser.add_argument("--sglang-url", default=None, help="SGLang server holding the memories (default: in-process backend)")
+    parser.add_argument("--sglang-url", action="append", default=None, metavar="URL",
+                        help="SGLang worker holding the memories (default: in-process backend); repeat it or give a "
+                             "comma-separated list for several workers: each stream is placed on one, and moved "
+                             "(its memory rebuilt) when that worker dies")
     parser.add_argument("--chunk-dir", default=None, help="where chunk videos are kept for the SGLang backend")
     parser.add_argument("--video-transport", choices=["data_url", "path"], default="data_url")
+    parser.add_argument("--rebuild-chunks", type=int, default=16,
+                        help="chunks besides the sink re-appended when a memory is rebuilt (and so the chunk files "
+                             "kept per stream; default 16)")
+    parser.add_argument("--max-answer-tokens", type=int, default=64, help="answer length for the SGLang backend (default 64)")
+    group = parser.add_argument_group("several SGLang workers")
+    defaults = WorkerSettings()
+    group.add_argument("--worker-health-every", type=float, default=defaults.health_every_s,
+                       help=f"seconds between health checks of each worker (default {defaults.health_every_s:g})")
+    group.add_argument("--worker-fail-after", type=int, default=defaults.fail_after,
+                       help=f"failed health checks in a row that mark a worker down (default {defaults.fail_after})")
     parser.add_argument("--log-level", default="WARNING")
 
 
@@ -154,14 +170,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_backend(args: argparse.Namespace) -> MemoryBackend:
+    """The in-process backend, one SGLang server, or several workers with a shared placement
+    (in the deployment's Redis when ``--redis-url`` is given)."""
     if not args.sglang_url:
         return InProcessMemoryBackend()
     from .sglang_backend import SGLangMemoryBackend
 
+    urls = parse_worker_urls(args.sglang_url)
     chunk_dir = args.chunk_dir or os.path.join(tempfile.gettempdir(), "flashcache-stream-chunks")
-    return SGLangMemoryBackend(
-        args.sglang_url, chunk_dir, fps=getattr(args, "fps", 2.0), video_transport=args.video_transport
-    )
+    options = dict(fps=getattr(args, "fps", 2.0), video_transport=args.video_transport, rebuild_chunks=args.rebuild_chunks,
+                   max_answer_tokens=args.max_answer_tokens)
+    if len(urls) == 1:
+        return SGLangMemoryBackend(urls[0], chunk_dir, **options)
+    from .workers import InMemoryPlacement, MultiWorkerMemoryBackend, RedisPlacement
+
+    placement = RedisPlacement(args.redis_url, args.namespace) if args.redis_url else InMemoryPlacement()
+    settings = WorkerSettings(health_every_s=args.worker_health_every, fail_after=args.worker_fail_after)
+    return MultiWorkerMemoryBackend(urls, chunk_dir, placement=placement, workers=settings, **options)
 
 
 def _config(args: argparse.Namespace) -> StreamConfig:
@@ -248,6 +273,8 @@ def _serve(args: argparse.Namespace) -> int:
         uvicorn.run(create_app(manager, authenticator), host=args.host, port=args.port, log_level=args.log_level.lower())
     finally:
         manager.shutdown()
+        if hasattr(backend, "close"):
+            backend.close()
     return 0
 
 
