@@ -61,6 +61,11 @@ class MemoryBackend(Protocol):
 
     def release(self, stream_id: str) -> None: ...
 
+    def forget(self, stream_id: str) -> None:
+        """Drop this process's state of a stream whose memory now belongs to another replica
+        (a lost lease): unlike :meth:`release`, the memory itself is left alone."""
+        ...
+
 
 @dataclass(frozen=True)
 class VisionGeometry:
@@ -189,3 +194,6 @@ class InProcessMemoryBackend:
     def release(self, stream_id: str) -> None:
         with self._lock:
             self._streams.pop(stream_id, None)
+
+    def forget(self, stream_id: str) -> None:
+        self.release(stream_id)  # the memory lives in this process: nothing is shared

@@ -359,7 +359,8 @@ class StreamManager:
             self.leases.release(runtime.lease)
             return
         self.leases.forget(runtime.lease)
-        self.backend.release(stream_id)  # questions here rebuild from the records the new owner writes
+        # The memory is the new owner's now: forget it here without closing it on the server.
+        getattr(self.backend, "forget", self.backend.release)(stream_id)
         try:
             deleted = self.store.get_stream(stream_id) is None
         except StoreUnavailable:

@@ -291,6 +291,11 @@ class SGLangMemoryBackend:
         except requests.RequestException as error:
             logger.warning("stream %s: could not close its memory on %s: %s", stream_id, self.base_url, error)
 
+    def forget(self, stream_id: str) -> None:
+        """Forget the stream here only: another replica owns it now and keeps using its memory."""
+        with self._lock:
+            self._streams.pop(stream_id, None)
+
     def needed_artifacts(self, stream_id: str) -> Optional[set[int]]:
         """Chunk indices whose files a rebuild would re-append: the sink and the rebuild set."""
         state = self._state(stream_id)

@@ -555,6 +555,14 @@ class MultiWorkerMemoryBackend(SGLangMemoryBackend):
         except StoreUnavailable as error:
             logger.warning("stream %s: could not drop its placement: %s", stream_id, error)
 
+    def forget(self, stream_id: str) -> None:
+        """Forget the stream here only (another replica owns it): its memory and placement stay."""
+        with self._lock:
+            self._streams.pop(stream_id, None)
+        self._weights.pop(stream_id, None)
+        with self._placement_lock:
+            self._known.pop(stream_id, None)
+
     def close(self) -> None:
         """Stop the health checks."""
         self.pool.close()
