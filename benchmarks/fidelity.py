@@ -648,6 +648,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--plot", help="write a PNG plot here")
     parser.add_argument("--reanalyze", metavar="JSON", help="recompute statistics from a saved run; no model")
+    parser.add_argument("--markdown", metavar="OUT", help="also write the result tables as markdown here")
     return parser
 
 
@@ -666,6 +667,8 @@ def main(argv: list[str] | None = None) -> dict:
         Path(args.json or args.reanalyze).write_text(json.dumps(report, indent=1))
         if args.plot:
             _plot(report, args.plot)
+        if args.markdown:
+            Path(args.markdown).write_text(markdown_tables(report))
         _print_table(report)
         return report
     if not args.text and not args.held_out_text:
@@ -761,8 +764,86 @@ def main(argv: list[str] | None = None) -> dict:
         Path(args.json).write_text(json.dumps(report, indent=1))
     if args.plot:
         _plot(report, args.plot)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_tables(report))
     _print_table(report)
     return report
+
+
+def markdown_tables(report: dict) -> str:
+    """The result tables of a report as markdown (the prose around them is written by hand)."""
+    analysis = report["analysis"]
+    splits = [s for s in ("tune", "held_out") if any(s in r for r in analysis["rows"]["main"])]
+    names = {"tune": "tuning text", "held_out": "held-out text", "all": "all windows"}
+    counts = {s: sum(w["split"] == s for w in report["windows"]) for s in ("tune", "held_out")}
+    out = []
+
+    def table(header: list[str], rows: list[list[str]]) -> None:
+        out.extend(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)])
+        out.extend("| " + " | ".join(str(c) for c in row) + " |" for row in rows)
+        out.append("")
+
+    def ratio(summary: dict) -> str:
+        return _fmt(summary) if summary.get("n") else "-"
+
+    for retention in sorted({r["retention"] for r in analysis["rows"]["main"]}, reverse=True):
+        rows = [r for r in analysis["rows"]["main"] if r["retention"] == retention]
+        rows.sort(key=lambda r: r[splits[-1]]["ppl_ratio"]["mean"])
+        out.append(f"**Retention {retention}**: perplexity ratio, mean [95% CI]; attention error (mean)")
+        out.append("")
+        header = ["policy"] + [f"{names[s]} ({counts[s]} windows)" for s in splits] + ["attn err (held-out)"]
+        table(header, [[r["policy"]] + [ratio(r[s]["ppl_ratio"]) for s in splits]
+                       + [f"{r[splits[-1]]['attn_error'].get('mean', float('nan')):.3f}"] for r in rows])
+    for split in splits:
+        comparisons = [c for c in analysis["comparisons"] if c["split"] == split]
+        if not comparisons:
+            continue
+        out.append(f"**Paired, {names[split]}**: flashcache minus policy, perplexity ratio; Wilcoxon "
+                   "signed-rank p on log ratios; windows where flashcache is lower")
+        out.append("")
+        table(["retention", "policy", "mean difference [95% CI]", "Wilcoxon p", "flashcache lower"],
+              [[c["retention"], c["against"],
+                f"{c['mean_difference']:+.4f} [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]",
+                f"{c['wilcoxon_p']:.4f}" + (" *" if c["significantly_lower"] else ""),
+                f"{c['wins']}/{c['n']}"] for c in comparisons])
+    variants = analysis["rows"]["variants"]
+    if variants:
+        by_key = {(c["variant"], c["retention"], c["split"]): c for c in analysis["variant_comparisons"]}
+        out.append("**Variants of the default** (one change each): perplexity ratio, mean [95% CI]; "
+                   "paired difference to the default (Wilcoxon p)")
+        out.append("")
+        header = ["retention", "variant"]
+        for split in splits:
+            header += [names[split], "vs default"]
+        rows = []
+        for row in variants:
+            line = [row["retention"], row["label"]]
+            for split in splits:
+                comparison = by_key.get((row["label"], row["retention"], split))
+                line.append(ratio(row[split]["ppl_ratio"]))
+                line.append("-" if comparison is None else
+                            f"{comparison['mean_difference']:+.3f} (p={comparison['wilcoxon_p']:.3f})")
+            rows.append(line)
+        table(header, rows)
+    kv_rows = analysis["rows"]["kv_dtype"]
+    if kv_rows:
+        out.append("**KV dtype**: perplexity ratio against the float32 full cache, all windows, mean [95% CI]")
+        out.append("")
+        table(["setting", "retention", "ratio"], [[r["label"], r["retention"], ratio(r["all"]["ppl_ratio"])]
+                                                  for r in kv_rows])
+    if "kvpress" in report:
+        kv = report["kvpress"]
+        out.append(f"**kvpress {kv['version']} cross-check** ({kv['setting']}; windows {', '.join(kv['windows'])})")
+        out.append("")
+        table(["policy", "retention", "ppl ratio kvpress", "ppl ratio ours", "keep-set Jaccard (mean, min)"],
+              [[r["policy"], r["retention"], f"{r['ppl_ratio_kvpress']['mean']:.4f}",
+                f"{r['ppl_ratio_ours']['mean']:.4f}",
+                f"{r['keep_set_jaccard']['mean']:.3f}, {r['keep_set_jaccard']['min']:.3f}"] for r in kv["rows"]])
+    targets = analysis["targets"]
+    out.append(f"**Acceptance ({names[targets['split']]})**: {'met' if targets['met'] else 'not met'}")
+    out.append("")
+    table(["check", "result"], [[k, "yes" if v else "no"] for k, v in targets["checks"].items()])
+    return "\n".join(out)
 
 
 def _fmt(summary: dict) -> str:
