@@ -234,11 +234,23 @@ def fidelity_section(path: Path, report: dict) -> list[str]:
         lines += [f"![fidelity]({path.with_suffix('.png').name})", ""]
     except Exception as error:  # noqa: BLE001 - the table is still useful without the figure
         lines += [f"_figure not regenerated: {type(error).__name__}: {error}_", ""]
-    rows = [[r["policy"], r["retention"], r["ppl_ratio"]["mean"], r["ppl_ratio"].get("std"), r["attn_error"]["mean"]]
-            for r in sorted(report["main"], key=lambda r: (-r["retention"], r["ppl_ratio"]["mean"]))]
-    lines += _table(["policy", "retention", "perplexity ratio", "std", "attention error"], rows)
-    if report.get("targets"):
-        lines += [f"targets at retention 0.2: `{json.dumps(report['targets'].get('checks'))}`", ""]
+    targets = report.get("targets") or {}
+    split = targets.get("split", "all")
+
+    def cell(row: dict) -> str:
+        summary = row.get(split, row)["ppl_ratio"]
+        if "ci95" not in summary:  # reports written before the 95% intervals
+            return f"{summary['mean']:.3f}"
+        low, high = summary["ci95"]
+        return f"{summary['mean']:.3f} [{low:.3f}, {high:.3f}]"
+
+    rows = [[r["policy"], r["retention"], cell(r), r.get(split, r)["attn_error"]["mean"]]
+            for r in sorted(report["main"], key=lambda r: (-r["retention"], r.get(split, r)["ppl_ratio"]["mean"]))]
+    label = "held-out text" if split == "held_out" else "all windows"
+    lines += _table(["policy", "retention", f"perplexity ratio, {label} (mean [95% CI])", "attention error"], rows)
+    if targets.get("checks"):
+        verdict = "met" if targets.get("met") else "NOT met"
+        lines += [f"acceptance on {label}: {verdict}: `{json.dumps(targets['checks'])}`", ""]
     return lines
 
 

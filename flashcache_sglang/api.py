@@ -2,18 +2,25 @@
 
     from flashcache_sglang.api import select_tokens, gather_kept
 
-    keep = select_tokens(keys, values, retention=0.2)            # FlashCache, one shared set
+    spec = rotary_spec_from_hf(model)                            # the model's RoPE
+    keep = select_tokens(keys, values, retention=0.2,            # FlashCache, one shared set
+                         positions=torch.arange(num_tokens), rotary=spec)
     kept = gather_kept(keys, values, keep)                       # per layer: (keys, values, index)
 
 Shapes: ``keys``/``values`` are ``[num_layers, num_tokens, num_kv_heads, head_dim]`` (post-RoPE,
-as a KV cache holds them). Policies: :func:`available_policies`; the ones SGLang can run (no
-attention scores needed): :func:`engine_policies`.
+as a KV cache holds them). The default FlashCache scores pre-RoPE keys, so it needs the keys'
+positions and the model's :class:`RotarySpec`; ``policy="flashcache-paper"`` (or
+``key_space="post_rope"``) scores the cached keys as they are. Policies:
+:func:`available_policies`; the ones SGLang can run (no attention scores needed):
+:func:`engine_policies`.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .kernels.rotary import RotarySpec
+from .method.rope import rotary_spec_from_hf
 from .policies import (
     KeepSet,
     KVSpan,
@@ -26,10 +33,12 @@ from .policies import (
 __all__ = [
     "KVSpan",
     "KeepSet",
+    "RotarySpec",
     "available_policies",
     "engine_policies",
     "gather_kept",
     "make_policy",
+    "rotary_spec_from_hf",
     "select_tokens",
     "text_candidate_mask",
 ]
@@ -46,6 +55,8 @@ def select_tokens(
     recent_window: int = 64,
     queries: torch.Tensor | None = None,
     frame_index: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+    rotary: RotarySpec | None = None,
     **options,
 ) -> KeepSet:
     """Pick the KV tokens to keep.
@@ -58,6 +69,9 @@ def select_tokens(
             Default: all but the first ``sink_tokens`` and the last ``recent_window``.
         queries: ``[num_layers, window, num_heads, head_dim]`` for attention-based policies.
         frame_index: ``[num_tokens]`` torch.int64 video frame per token (-1 = not visual).
+        positions: ``[num_tokens]`` (``[3, num_tokens]`` for M-RoPE) int positions the keys
+            were rotated with; needed, with ``rotary``, by policies scoring pre-RoPE keys.
+        rotary: the model's :class:`RotarySpec` (:func:`rotary_spec_from_hf`).
         options: policy options, e.g. ``gamma=0.2``, ``granularity="layer"``.
     Returns:
         :class:`KeepSet`; ``.keep`` is ``[num_layers, num_kv_heads, num_tokens]`` torch.bool and
@@ -65,7 +79,8 @@ def select_tokens(
     """
     if candidate_mask is None:
         candidate_mask = text_candidate_mask(keys.shape[1], sink_tokens, recent_window)
-    span = KVSpan(keys, values, candidate_mask, queries=queries, frame_index=frame_index)
+    span = KVSpan(keys, values, candidate_mask, queries=queries, frame_index=frame_index,
+                  positions=positions, rotary=rotary)
     return make_policy(policy, retention=retention, **options).select(span)
 
 

@@ -26,18 +26,20 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .method.rope import UnsupportedRopeError, recorded_positions, rotary_spec_from_hf
 from .policies.base import KeepSet, KVSpan, text_candidate_mask
 
 __all__ = [
     "ATTENTION_NAME",
+    "KVQuantization",
     "Prefill",
     "attention_output_error",
     "build_cache",
     "continuation_nll",
     "continue_from_prefill",
+    "kv_quantization",
     "prefill",
     "reference_attention",
-    "unrotate_keys",
 ]
 
 ATTENTION_NAME = "flashcache_reference"
@@ -55,10 +57,78 @@ class _Recording:
 
 _RECORDING: contextvars.ContextVar[_Recording | None] = contextvars.ContextVar("_RECORDING", default=None)
 
+# KV dtypes an engine may store, for fidelity studies of a quantised KV cache.
+_KV_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8_e4m3": torch.float8_e4m3fn,
+              "fp8_e5m2": torch.float8_e5m2}
+
+
+@dataclass(frozen=True)
+class KVQuantization:
+    """A KV cache stored in a lower precision, as SGLang's ``--kv-cache-dtype`` stores it.
+
+    Attributes:
+        kv_dtype: "bf16", "fp16", "fp8_e4m3" or "fp8_e5m2".
+        key_scales, value_scales: ``[num_layers]`` float32: the stored value is
+            ``x / scale`` cast to the dtype (SGLang divides by ``layer.k_scale``); 1.0 for 16-bit.
+    """
+
+    kv_dtype: str
+    key_scales: torch.Tensor
+    value_scales: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.kv_dtype not in _KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {sorted(_KV_DTYPES)}, got {self.kv_dtype!r}")
+
+    @classmethod
+    def for_prefill(cls, prefilled: "Prefill", kv_dtype: str) -> "KVQuantization":
+        """Per-layer scales from the prefill's K and V: ``amax / dtype_max`` for FP8 (the
+        dtype's range is used fully), 1.0 for 16-bit dtypes."""
+        if kv_dtype not in _KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {sorted(_KV_DTYPES)}, got {kv_dtype!r}")
+        num_layers = prefilled.keys.shape[0]
+        dtype = _KV_DTYPES[kv_dtype]
+        if dtype.is_floating_point and torch.finfo(dtype).bits == 8:
+            top = torch.finfo(dtype).max
+            scale = lambda x: (x.abs().amax(dim=(1, 2, 3)).float() / top).clamp_min(1e-12)
+            return cls(kv_dtype, scale(prefilled.keys), scale(prefilled.values))
+        ones = torch.ones(num_layers)
+        return cls(kv_dtype, ones, ones)
+
+    def quantize(self, x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+        """``x`` (any shape) stored and read back: float32."""
+        dtype = _KV_DTYPES[self.kv_dtype]
+        return (x.float() / scale).to(dtype).float() * scale
+
+    def apply_to_span(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[num_layers, num_tokens, num_kv_heads, head_dim]`` K and V as the cache holds them."""
+        shape = (-1, 1, 1, 1)
+        return (self.quantize(keys, self.key_scales.reshape(shape)),
+                self.quantize(values, self.value_scales.reshape(shape)))
+
+
+_QUANTIZATION: contextvars.ContextVar[KVQuantization | None] = contextvars.ContextVar("_QUANTIZATION", default=None)
+
+
+@contextmanager
+def kv_quantization(quantization: KVQuantization | None):
+    """Inside the block, every K/V the reference attention reads (cache and new tokens) is
+    quantised as ``quantization`` stores it; None is a no-op."""
+    token = _QUANTIZATION.set(quantization)
+    try:
+        yield
+    finally:
+        _QUANTIZATION.reset(token)
+
 
 def _reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """query ``[1, num_heads, q, D]``; key/value ``[1, num_kv_heads, kv, D]`` (cache included).
     Returns ``([1, q, num_heads, D], None)`` like transformers' sdpa_attention_forward."""
+    quantization = _QUANTIZATION.get()
+    if quantization is not None:
+        layer = module.layer_idx
+        key = quantization.quantize(key, float(quantization.key_scales[layer])).to(query.dtype)
+        value = quantization.quantize(value, float(quantization.value_scales[layer])).to(query.dtype)
     recording = _RECORDING.get()
     if recording is not None and getattr(module, "layer_idx", None) is not None:
         window = recording.query_window
@@ -114,18 +184,25 @@ class Prefill:
         queries: ``[num_layers, window, num_heads, head_dim]`` float32, post-RoPE queries of the
             last ``window`` context tokens (the observation window).
         last_logits: ``[vocab_size]`` float32 logits at the last context token.
+        positions: ``[num_tokens]`` (``[3, num_tokens]`` for M-RoPE) int64, the positions the
+            model's rotary embedding rotated the keys with; None for a model without RoPE.
+        rotary: the model's :class:`~flashcache_sglang.kernels.rotary.RotarySpec`, or None.
     """
 
     keys: torch.Tensor
     values: torch.Tensor
     queries: torch.Tensor
     last_logits: torch.Tensor
+    positions: torch.Tensor | None = None
+    rotary: object | None = None
 
     def span(self, candidate_mask: torch.Tensor | None = None, sink_tokens: int = 4, recent_window: int = 64) -> KVSpan:
-        """A :class:`KVSpan` of the context (text candidate mask unless one is given)."""
+        """A :class:`KVSpan` of the context (text candidate mask unless one is given), with the
+        keys' positions and the model's RoPE, so policies can score pre-RoPE keys."""
         if candidate_mask is None:
             candidate_mask = text_candidate_mask(self.keys.shape[1], sink_tokens, recent_window)
-        return KVSpan(self.keys, self.values, candidate_mask, queries=self.queries)
+        return KVSpan(self.keys, self.values, candidate_mask, queries=self.queries,
+                      positions=self.positions, rotary=self.rotary)
 
 
 def _check_ids(input_ids: torch.Tensor, context_len: int) -> None:
@@ -158,8 +235,16 @@ def prefill(model, context_ids: torch.Tensor, observation_window: int = 64, **mo
     """
     _check_ids(torch.cat([context_ids, context_ids[:, :1]], dim=1), context_ids.shape[1])
     recording = _Recording(query_window=min(observation_window, context_ids.shape[1]))
-    with reference_attention(model, recording):
+    with reference_attention(model, recording), recorded_positions(model, required=False) as seen:
         output = model(input_ids=context_ids, use_cache=False, **model_inputs)
+    positions = rotary = None
+    if seen.calls:
+        positions = seen.last
+        default = int(_decoder_config(model).max_position_embeddings)
+        try:
+            rotary = rotary_spec_from_hf(model, max_positions=max(default, int(positions.max()) + 1))
+        except UnsupportedRopeError:
+            positions = None  # not invertible (dynamic RoPE): pre-RoPE scoring refuses the span
     num_layers = _decoder_config(model).num_hidden_layers
     stack = lambda parts: torch.stack([parts[i] for i in range(num_layers)]).float().transpose(1, 2)
     return Prefill(
@@ -167,6 +252,8 @@ def prefill(model, context_ids: torch.Tensor, observation_window: int = 64, **mo
         values=stack(recording.values).contiguous(),
         queries=stack(recording.queries).contiguous(),
         last_logits=output.logits[0, -1].float(),
+        positions=positions,
+        rotary=rotary,
     )
 
 
@@ -278,24 +365,3 @@ def attention_output_error(
     compressed = logits.masked_fill(~kept, -math.inf).softmax(-1) @ values
     error = (compressed - full).flatten(1).norm(dim=-1) / full.flatten(1).norm(dim=-1)
     return error
-
-
-def unrotate_keys(model, keys: torch.Tensor, start: int = 0) -> torch.Tensor:
-    """Undo RoPE on cached keys (for scoring ablations; the cache keeps post-RoPE keys).
-
-    Args:
-        model: a Llama/Qwen2-style model with ``model.model.rotary_emb``.
-        keys: ``[num_layers, num_tokens, num_kv_heads, head_dim]`` post-RoPE, at positions
-            ``start .. start + num_tokens - 1``.
-    Returns:
-        pre-RoPE keys, same shape, float32.
-    """
-    rotary = model.model.rotary_emb
-    num_tokens = keys.shape[1]
-    positions = torch.arange(start, start + num_tokens)[None]
-    cos, sin = rotary(keys.new_zeros(1, num_tokens, keys.shape[-1]).float(), positions)
-    cos, sin = cos[0][None, :, None, :].float(), sin[0][None, :, None, :].float()
-    keys = keys.float()
-    half = keys.shape[-1] // 2
-    rotated_half = torch.cat([-keys[..., half:], keys[..., :half]], dim=-1)
-    return keys * cos - rotated_half * sin

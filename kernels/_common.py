@@ -18,6 +18,9 @@ import torch
 BACKENDS = ("auto", "triton", "reference")
 INDEX_DTYPES = (torch.int32, torch.int64)
 KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# SGLang's --kv-cache-dtype fp8_e4m3 / fp8_e5m2 pools (uint8 storage; get_key_buffer returns the
+# float8 view). Only kernels that dequantise (span scoring) accept them.
+FP8_KV_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 # Costly invariant checks (they synchronise with the device) run only when this is "1".
 DEBUG_CHECKS_ENV = "FLASHCACHE_DEBUG_CHECKS"
@@ -97,9 +100,12 @@ class KVPoolLayout:
 
 
 def check_kv_buffers(
-    k_buffers: Sequence[torch.Tensor], v_buffers: Sequence[torch.Tensor]
+    k_buffers: Sequence[torch.Tensor],
+    v_buffers: Sequence[torch.Tensor],
+    dtypes: tuple[torch.dtype, ...] = KV_DTYPES,
 ) -> KVPoolLayout:
-    """Validate SGLang-style per-layer buffers; every buffer ``[num_slots, num_kv_heads, head_dim]``.
+    """Validate SGLang-style per-layer buffers; every buffer ``[num_slots, num_kv_heads, head_dim]``
+    of one of ``dtypes``.
 
     Raises ValueError naming the first offending buffer (``k_buffers[3]``, ``v_buffers[0]`` ...).
     """
@@ -121,8 +127,8 @@ def check_kv_buffers(
         raise ValueError(
             f"k_buffers[0] must be [num_slots, num_kv_heads, head_dim], got {shape}"
         )
-    if first.dtype not in KV_DTYPES:
-        raise ValueError(f"k_buffers[0] dtype must be one of {KV_DTYPES}, got {first.dtype}")
+    if first.dtype not in dtypes:
+        raise ValueError(f"k_buffers[0] dtype must be one of {dtypes}, got {first.dtype}")
     num_slots, num_kv_heads, head_dim = first.shape
     for name, buffers in (("k_buffers", k_buffers), ("v_buffers", v_buffers)):
         for layer, buffer in enumerate(buffers):

@@ -15,6 +15,8 @@ import torch
 from flashcache_sglang.method.scoring import FrequencyScores
 
 from ._common import (
+    FP8_KV_DTYPES,
+    KV_DTYPES,
     check_index_tensor,
     check_kv_buffers,
     check_page_size,
@@ -25,8 +27,11 @@ from .compaction.reference import copy_slots_reference
 from .compaction.triton import copy_slots_triton
 from .flashinfer_index.reference import build_flashinfer_indices_reference
 from .flashinfer_index.triton import build_flashinfer_indices_triton
+from .rotary import RotarySpec
+from .scoring.inputs import Scale, check_rotary, check_scales
 from .scoring.reference import score_span_reference
-from .scoring.triton import _check_gamma, score_span_triton
+from .scoring.triton import _check_gamma
+from .scoring.triton import _launch as score_span_launch
 from .selection.reference import select_kept_reference
 from .selection.triton import select_kept_triton
 
@@ -44,36 +49,54 @@ def score_span(
     slot_indices: torch.Tensor,
     gamma: float = 0.2,
     *,
+    positions: torch.Tensor | None = None,
+    rotary: RotarySpec | None = None,
+    k_scale: Scale = None,
+    v_scale: Scale = None,
     backend: str = "auto",
 ) -> FrequencyScores:
     """FlashCache deviation and high-frequency energy of one request's candidate span.
 
     Args:
         k_buffers: SGLang's per-layer key buffers, each ``[num_slots, num_kv_heads, head_dim]``
-            float16 / bfloat16 / float32, all alike, contiguous within a slot.
+            float16 / bfloat16 / float32, or float8_e4m3fn / float8_e5m2 (``--kv-cache-dtype
+            fp8_e4m3`` / ``fp8_e5m2``: pass ``get_key_buffer(layer)``, the float8 view of the
+            uint8 storage), all alike, contiguous within a slot.
         v_buffers: the value buffers, same layout.
         slot_indices: ``[num_tokens]`` torch.int32 / torch.int64 slots of the candidate tokens
             in position order, on the pool's device.
         gamma: low-pass cutoff fraction in (0, 1).
+        positions: ``[num_tokens]`` torch.int32 / torch.int64 RoPE positions of those tokens as
+            SGLang applied them (text: the logical position), or ``[3, num_tokens]`` for
+            M-RoPE (Qwen2.5-VL: the request's ``mrope_positions`` columns), on the pool's
+            device. With ``rotary``, keys are scored pre-RoPE (``key_space="pre_rope"``).
+        rotary: the model's :class:`RotarySpec` (``upstream.rotary_spec_of(rotary_emb)``;
+            ideally already ``.to(device)``).
+        k_scale, v_scale: FP8 dequantisation (value = stored * scale, as SGLang stores
+            ``x / layer.k_scale``): None (1.0), a float, a float per layer, or a
+            ``[num_layers]`` float tensor on the pool's device.
         backend: "auto", "triton" or "reference". "auto" on CUDA uses the matmul kernels up
             to MATMUL_MAX_TOKENS tokens and the FFT reference beyond.
 
     Returns:
-        FrequencyScores with deviation ``[num_layers, num_kv_heads, num_tokens]`` float32
-        (``.layer_deviation`` gives ``[num_layers, num_tokens]``), high_freq_ratio
-        ``[num_layers]`` and high_freq_ratio_per_head ``[num_layers, num_kv_heads]`` float32.
+        FrequencyScores with key_deviation / value_deviation ``[num_layers, num_kv_heads,
+        num_tokens]`` float32 (``.deviation`` their sum, ``.layer_deviation``
+        ``[num_layers, num_tokens]``), high_freq_ratio ``[num_layers]`` and
+        high_freq_ratio_per_head ``[num_layers, num_kv_heads]`` float32, key_space.
     """
-    layout = check_kv_buffers(k_buffers, v_buffers)
+    layout = check_kv_buffers(k_buffers, v_buffers, KV_DTYPES + FP8_KV_DTYPES)
     check_index_tensor(slot_indices, "slot_indices", layout.device)
     _check_gamma(gamma)
     if slot_indices.numel() == 0:
         raise ValueError("slot_indices is empty: the span needs num_tokens >= 1")
+    rope = check_rotary(positions, rotary, slot_indices.numel(), layout.head_dim, layout.device)
+    scales = check_scales(k_scale, v_scale, layout.num_layers, layout.device)
     chosen = resolve_backend(backend, layout.device)
     if backend == "auto" and slot_indices.numel() > MATMUL_MAX_TOKENS:
         chosen = "reference"
     if chosen == "triton":
-        return score_span_triton(k_buffers, v_buffers, slot_indices, gamma)
-    return score_span_reference(k_buffers, v_buffers, slot_indices, gamma)
+        return score_span_launch(k_buffers, v_buffers, slot_indices, gamma, layout, rope, scales, None)
+    return score_span_reference(k_buffers, v_buffers, slot_indices, gamma, rope, scales)
 
 
 def select_kept(

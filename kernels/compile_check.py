@@ -4,7 +4,7 @@ The CPU interpreter checks the math but not the compiled path (pointer casts, te
 dots, register pressure). Triton can compile ahead of time to a cubin with its bundled ptxas,
 no device needed; this catches compile errors in CI and shows register spills of the tiles.
 
-    python -m flashcache_sglang.kernels.compile_check [--arch 90] [--dtypes bf16 fp32]
+    python -m flashcache_sglang.kernels.compile_check [--arch 90] [--dtypes bf16 fp32 fp8e4nv]
 
 Must run without TRITON_INTERPRET (the kernels must be JIT functions, not interpreted ones).
 Exits 1 if any kernel fails to compile.
@@ -29,33 +29,58 @@ from .flashinfer_index import triton as flashinfer_index
 from .scoring import triton as scoring
 from .selection import triton as selection
 
-DTYPES = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
 HEAD_DIM = 128  # Qwen2.5-VL-7B
+# Largest shared memory one block may use (opt-in), by compute capability: a kernel that
+# compiles but needs more fails at launch ("out of resources"), so it fails here.
+MAX_SHARED_BYTES = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
+# Pool dtypes of the scoring kernels: 16/32-bit pools multiply in their own dtype, FP8 pools
+# (SGLang's --kv-cache-dtype fp8_e4m3 / fp8_e5m2) dequantise on load and multiply in bf16.
+POOL_DTYPES = {"bf16": ("bf16", tl.bfloat16), "fp16": ("fp16", tl.float16), "fp32": ("fp32", tl.float32),
+               "fp8e4nv": ("bf16", tl.bfloat16), "fp8e5": ("bf16", tl.bfloat16)}
+# (label, ROTARY, MROPE, IS_NEOX, ROTARY_DIM, HAS_SCALE): post-RoPE, pre-RoPE (Llama),
+# pre-RoPE M-RoPE (Qwen2.5-VL), FP8 with scales.
+SCORING_VARIANTS = {
+    "post-rope": (False, False, True, 2, False),
+    "pre-rope": (True, False, True, HEAD_DIM, False),
+    "pre-rope mrope": (True, True, True, HEAD_DIM, False),
+    "pre-rope fp8-scaled": (True, False, True, HEAD_DIM, True),
+}
 
 
 def _scoring_kernels(dtype_name: str):
-    dtype = DTYPES[dtype_name]
+    compute_name, dtype = POOL_DTYPES[dtype_name]
     pool = f"*{dtype_name}"
-    shared = dict(pool_ptrs="*u64", pool_ref=pool, slot_ptr="*i64", table_ptr=pool, coefficient_ptr=pool)
-    sizes = dict(num_tokens="i32", num_half="i32", num_even="i32", num_odd="i32")
-    precision = dict(UPCAST_DOT=False, IEEE_DOT=dtype == tl.float32)
-    tiles_a, tiles_b = scoring.GPU_CONFIG.coefficients, scoring.GPU_CONFIG.residual
-    yield (
-        scoring._lowpass_coefficients_kernel,
-        dict(shared, energy_ptr="*fp32", **sizes, num_even_blocks="i32", num_kv_heads="i32",
-             num_columns="i32", slot_stride="i32"),
-        dict(HEAD_DIM=HEAD_DIM, BLOCK_D=HEAD_DIM, BLOCK_W=tiles_a.block_rows,
-             BLOCK_N=tiles_a.block_tokens, COMPUTE_DTYPE=dtype, **precision),
-        tiles_a.num_warps, tiles_a.num_stages, dtype_name,
-    )
-    yield (
-        scoring._lowpass_residual_kernel,
-        dict(shared, deviation_ptr="*fp32", energy_ptr="*fp32", **sizes, num_layers="i32",
-             num_kv_heads="i32", num_columns="i32", slot_stride="i32"),
-        dict(HEAD_DIM=HEAD_DIM, BLOCK_D=tiles_b.block_dim or HEAD_DIM, BLOCK_W=tiles_b.block_rows,
-             BLOCK_N=tiles_b.block_tokens, **precision),
-        tiles_b.num_warps, tiles_b.num_stages, dtype_name,
-    )
+    fp8 = dtype_name.startswith("fp8")
+    for variant, (rotary, mrope, neox, rotary_dim, has_scale) in SCORING_VARIANTS.items():
+        if fp8 != has_scale:
+            continue  # FP8 pools are compiled with their scales, the others without
+        shared = dict(pool_ptrs="*u64", pool_ref=pool, slot_ptr="*i64", table_ptr=f"*{compute_name}",
+                      coefficient_ptr=f"*{compute_name}")
+        extra = dict(scale_ptr="*fp32", positions_ptr="*i64", cos_sin_ptr="*fp32", axis_ptr="*i32")
+        sizes = dict(num_tokens="i32", num_half="i32", num_even="i32", num_odd="i32")
+        flags = dict(UPCAST_DOT=False, IEEE_DOT=dtype == tl.float32, HAS_SCALE=has_scale, ROTARY=rotary,
+                     MROPE=mrope, IS_NEOX=neox, ROTARY_DIM=rotary_dim)
+        config = scoring.gpu_config(pre_rope=rotary)
+        tiles_a, tiles_b = config.coefficients, config.residual
+        label = f"{dtype_name} {variant}"
+        yield (
+            scoring._lowpass_coefficients_kernel,
+            dict(shared, energy_ptr="*fp32", **extra, **sizes, num_even_blocks="i32", num_layers="i32",
+                 num_kv_heads="i32", num_columns="i32", slot_stride="i32"),
+            dict(HEAD_DIM=HEAD_DIM, BLOCK_D=HEAD_DIM, BLOCK_W=tiles_a.block_rows,
+                 BLOCK_N=tiles_a.block_tokens, COMPUTE_DTYPE=dtype, **flags),
+            tiles_a.num_warps, tiles_a.num_stages, label,
+        )
+        yield (
+            scoring._lowpass_residual_kernel,
+            dict(shared, deviation_ptr="*fp32", energy_ptr="*fp32", **extra, **sizes, num_layers="i32",
+                 num_kv_heads="i32", num_columns="i32", slot_stride="i32"),
+            dict(HEAD_DIM=HEAD_DIM, BLOCK_D=tiles_b.block_dim or HEAD_DIM, BLOCK_W=tiles_b.block_rows,
+                 BLOCK_N=tiles_b.block_tokens, **flags),
+            tiles_b.num_warps, tiles_b.num_stages, label,
+        )
 
 
 def _other_kernels():
@@ -101,7 +126,8 @@ def _ptxas_report(ptx: str, arch: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 90")
-    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16"])
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(POOL_DTYPES), default=["bf16"],
+                        help="pool dtypes of the scoring kernels (fp8e4nv / fp8e5: FP8 pools with scales)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
@@ -123,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"FAIL {label}: {error!r}"[:2000])
             continue
         report = _ptxas_report(compiled.asm["ptx"], args.arch)
+        limit = MAX_SHARED_BYTES.get(args.arch)
+        if limit is not None and compiled.metadata.shared > limit:
+            failures += 1
+            print(f"FAIL {label}: shared={compiled.metadata.shared}B exceeds sm_{args.arch}'s {limit}B {report}")
+            continue
         print(f"ok   {label}: shared={compiled.metadata.shared}B {report}")
     return 1 if failures else 0
 

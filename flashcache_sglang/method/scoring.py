@@ -3,6 +3,12 @@
 Shapes follow the project vocabulary: keys / values are
 ``[num_layers, num_tokens, num_kv_heads, head_dim]`` (post-RoPE keys, as SGLang's pool stores
 them). Everything is computed in float32 (float64 stays float64).
+
+Keys can be scored in their pre-RoPE form: given the tokens' positions and the model's
+:class:`~flashcache_sglang.kernels.rotary.RotarySpec`, the rotation is undone first. Why: RoPE
+turns each channel pair by ``position * inv_freq``, which is itself a high-frequency signal
+along the token axis for the fast pairs; a low-pass of post-RoPE keys partly measures rotation
+phase, not content.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ import torch
 
 from .dct import cutoff_index, dct2, idct2
 
-__all__ = ["FrequencyScores", "frequency_scores", "low_frequency_share"]
+__all__ = ["KEY_SPACES", "FrequencyScores", "frequency_scores", "low_frequency_share", "unrotate_span_keys"]
+
+KEY_SPACES = ("post_rope", "pre_rope")
 
 
 @dataclass(frozen=True)
@@ -23,16 +31,38 @@ class FrequencyScores:
     """Per-token outlier deviation and per-layer high-frequency energy of a KV span.
 
     Attributes:
-        deviation: ``[num_layers, num_kv_heads, num_tokens]`` float32. MSE over head_dim between
-            each token's key and the low-pass base key, plus the same for values.
+        key_deviation: ``[num_layers, num_kv_heads, num_tokens]`` float32. MSE over head_dim
+            between each token's key and the low-pass base key.
+        value_deviation: the same for values.
         high_freq_ratio: ``[num_layers]`` float32. R_k + R_v, each the share of spectral energy
             above the cutoff, over all channels of the layer. In [0, 2].
         high_freq_ratio_per_head: ``[num_layers, num_kv_heads]`` float32, the same per KV head.
+        key_space: "post_rope" (keys as cached) or "pre_rope" (rotation undone before scoring).
     """
 
-    deviation: torch.Tensor
+    key_deviation: torch.Tensor
+    value_deviation: torch.Tensor
     high_freq_ratio: torch.Tensor
     high_freq_ratio_per_head: torch.Tensor
+    key_space: str = "post_rope"
+
+    def __post_init__(self) -> None:
+        if self.key_space not in KEY_SPACES:
+            raise ValueError(f"key_space must be one of {KEY_SPACES}, got {self.key_space!r}")
+        if self.key_deviation.shape != self.value_deviation.shape or self.key_deviation.dim() != 3:
+            raise ValueError(
+                "key_deviation and value_deviation must both be [num_layers, num_kv_heads, num_tokens], "
+                f"got {tuple(self.key_deviation.shape)} and {tuple(self.value_deviation.shape)}"
+            )
+
+    @property
+    def deviation(self) -> torch.Tensor:
+        """``[num_layers, num_kv_heads, num_tokens]``: the paper's Dev = MSE_K + MSE_V."""
+        return self.key_deviation + self.value_deviation
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.key_deviation.shape[-1])
 
     @property
     def layer_deviation(self) -> torch.Tensor:
@@ -98,23 +128,58 @@ def _ratio(high: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     return high / total.clamp_min(torch.finfo(total.dtype).tiny)
 
 
-def frequency_scores(keys: torch.Tensor, values: torch.Tensor, gamma: float = 0.2) -> FrequencyScores:
+def unrotate_span_keys(keys: torch.Tensor, positions: torch.Tensor, rotary) -> torch.Tensor:
+    """Pre-RoPE keys of a span: ``[num_layers, num_tokens, num_kv_heads, head_dim]`` float32.
+
+    Args:
+        keys: ``[num_layers, num_tokens, num_kv_heads, head_dim]`` post-RoPE keys.
+        positions: ``[num_tokens]`` or ``[3, num_tokens]`` (M-RoPE) int, the positions the keys
+            were rotated with.
+        rotary: the model's :class:`~flashcache_sglang.kernels.rotary.RotarySpec`.
+    """
+    from ..kernels.rotary import apply_rotary_reference
+
+    num_layers, num_tokens, num_kv_heads, head_dim = keys.shape
+    flat = keys.transpose(0, 1).reshape(num_tokens, num_layers * num_kv_heads, head_dim)
+    pre_rope = apply_rotary_reference(flat, positions.to(keys.device), rotary, inverse=True)
+    return pre_rope.reshape(num_tokens, num_layers, num_kv_heads, head_dim).transpose(0, 1)
+
+
+def frequency_scores(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    gamma: float = 0.2,
+    *,
+    positions: torch.Tensor | None = None,
+    rotary=None,
+) -> FrequencyScores:
     """Score a KV span the FlashCache way: no attention scores, only the token-axis spectrum.
 
     Args:
-        keys: ``[num_layers, num_tokens, num_kv_heads, head_dim]``, any float dtype.
+        keys: ``[num_layers, num_tokens, num_kv_heads, head_dim]``, any float dtype, post-RoPE.
         values: same shape as ``keys``.
         gamma: low-pass cutoff as a fraction of num_tokens, in (0, 1).
+        positions: ``[num_tokens]`` or ``[3, num_tokens]`` int positions of the keys; with
+            ``rotary`` the keys are un-rotated before scoring (``key_space="pre_rope"``).
+        rotary: :class:`~flashcache_sglang.kernels.rotary.RotarySpec` of the model, or None.
     """
     _check_kv(keys, values)
+    if (positions is None) != (rotary is None):
+        raise ValueError("positions and rotary go together: pass both (pre-RoPE keys) or neither")
+    key_space = "post_rope"
+    if rotary is not None:
+        keys = unrotate_span_keys(keys, positions, rotary)
+        key_space = "pre_rope"
     dev_k, high_k, total_k = _one_tensor(keys, gamma)
     dev_v, high_v, total_v = _one_tensor(values, gamma)
     per_head = _ratio(high_k, total_k) + _ratio(high_v, total_v)
     per_layer = _ratio(high_k.sum(1), total_k.sum(1)) + _ratio(high_v.sum(1), total_v.sum(1))
     return FrequencyScores(
-        deviation=dev_k + dev_v,
+        key_deviation=dev_k,
+        value_deviation=dev_v,
         high_freq_ratio=per_layer,
         high_freq_ratio_per_head=per_head,
+        key_space=key_space,
     )
 
 

@@ -15,7 +15,7 @@ from .base import (
     register_policy,
     text_candidate_mask,
 )
-from .flashcache import FlashCacheNoDBAPolicy, FlashCachePolicy
+from .flashcache import FlashCacheNoDBAPolicy, FlashCachePaperPolicy, FlashCachePolicy
 from .knorm import KNormPolicy
 from .random_policy import RandomPolicy
 from .snapkv import SnapKVPolicy
@@ -26,6 +26,7 @@ from .uniform_frames import UniformFramesPolicy
 __all__ = [
     "GRANULARITIES",
     "FlashCacheNoDBAPolicy",
+    "FlashCachePaperPolicy",
     "FlashCachePolicy",
     "KNormPolicy",
     "KVSpan",

@@ -61,6 +61,12 @@ class KVSpan:
             policies (``needs_queries``) read it; engines do not keep it.
         frame_index: optional ``[num_tokens]`` torch.int64, the video frame of each token, -1
             for non-visual tokens.
+        positions: optional ``[num_tokens]`` (or ``[3, num_tokens]`` for M-RoPE) int64, the
+            positions RoPE rotated each key with. With ``rotary`` it lets a policy score
+            pre-RoPE keys (FlashCache's default).
+        rotary: optional :class:`~flashcache_sglang.kernels.rotary.RotarySpec`, the model's RoPE
+            (:func:`flashcache_sglang.method.rope.rotary_spec_from_hf` for transformers models,
+            :func:`flashcache_sglang.upstream.rotary_spec_of` for SGLang's).
     """
 
     keys: torch.Tensor
@@ -68,6 +74,8 @@ class KVSpan:
     candidate_mask: torch.Tensor
     queries: torch.Tensor | None = None
     frame_index: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    rotary: object | None = None
 
     def __post_init__(self) -> None:
         if self.keys.dim() != 4:
@@ -109,6 +117,17 @@ class KVSpan:
             raise ValueError(
                 f"frame_index must be [num_tokens={num_tokens}], got {tuple(self.frame_index.shape)}"
             )
+        if (self.positions is None) != (self.rotary is None):
+            raise ValueError("positions and rotary go together: give both (pre-RoPE scoring) or neither")
+        if self.positions is not None:
+            shape = tuple(self.positions.shape)
+            if self.positions.dtype not in (torch.int32, torch.int64) or shape not in (
+                (num_tokens,), (3, num_tokens)
+            ):
+                raise ValueError(
+                    f"positions must be int32/int64 [num_tokens={num_tokens}] or [3, {num_tokens}], "
+                    f"got {self.positions.dtype} {shape}"
+                )
 
     @property
     def num_layers(self) -> int:
@@ -253,6 +272,27 @@ class Policy:
         candidate scores (so no layer dominates by scale)."""
         return _finite_standardise(scores, span.candidate_mask).mean(dim=0)
 
+    def shared_score(self, span: KVSpan) -> torch.Tensor:
+        """``[num_tokens]`` score of the one shared set (granularity "shared"); only candidate
+        entries are read. Default: :meth:`combine_layers` of :meth:`reduce_heads` of
+        :meth:`score`. A policy with its own shared-set rule overrides this."""
+        L, N, H = span.num_layers, span.num_tokens, span.num_kv_heads
+        scores = self._checked_scores(span, (L, H, N))
+        return self.combine_layers(self.reduce_heads(scores, span), span)
+
+    def _checked_scores(self, span: KVSpan, shape: tuple[int, int, int]) -> torch.Tensor:
+        scores = self.score(span)
+        try:
+            scores = torch.broadcast_to(scores.to(torch.float32), shape)
+        except RuntimeError as error:
+            raise ValueError(
+                f"{self.name}.score returned shape {tuple(scores.shape)}, not broadcastable to "
+                f"[num_layers, num_kv_heads, num_tokens] = {list(shape)}"
+            ) from error
+        if torch.isnan(scores).any():
+            raise ValueError(f"{self.name}.score returned NaN")
+        return scores
+
     def layer_budgets(self, span: KVSpan, budget: int) -> torch.Tensor:
         """``[num_layers]`` torch.int64 candidate budgets for "layer"/"head"; they must sum to
         ``budget * num_layers`` and lie in [0, num_candidates]. Default: ``budget`` each."""
@@ -276,22 +316,18 @@ class Policy:
             raise ValueError(f"policy {self.name!r} needs span.queries (observation-window queries)")
         L, N, H = span.num_layers, span.num_tokens, span.num_kv_heads
         candidates = span.candidate_mask.to(span.keys.device)
-        scores = self.score(span)
-        try:
-            scores = torch.broadcast_to(scores.to(torch.float32), (L, H, N))
-        except RuntimeError as error:
-            raise ValueError(
-                f"{self.name}.score returned shape {tuple(scores.shape)}, not broadcastable to "
-                f"[num_layers={L}, num_kv_heads={H}, num_tokens={N}]"
-            ) from error
-        if torch.isnan(scores).any():
-            raise ValueError(f"{self.name}.score returned NaN")
         budget = self.budget(span)
         if self.granularity == "shared":
-            combined = self.combine_layers(self.reduce_heads(scores, span), span)
+            combined = self.shared_score(span).to(torch.float32)
+            if tuple(combined.shape) != (N,):
+                raise ValueError(f"{self.name}.shared_score must return [num_tokens={N}], "
+                                 f"got shape {tuple(combined.shape)}")
+            if bool(torch.isnan(combined[candidates]).any()):
+                raise ValueError(f"{self.name}.shared_score returned NaN for a candidate")
             keep = self._top_candidates(combined[None], candidates, torch.tensor([budget]))[0]
             keep = keep.expand(L, H, N)
         else:
+            scores = self._checked_scores(span, (L, H, N))
             budgets = self.layer_budgets(span, budget).to(torch.int64).cpu()
             if budgets.shape != (L,) or int(budgets.sum()) != budget * L:
                 raise ValueError(

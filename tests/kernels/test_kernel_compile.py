@@ -12,9 +12,11 @@ import sys
 def test_kernels_compile_for_sm90():
     environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, "-m", "flashcache_sglang.kernels.compile_check", "--arch", "90", "--dtypes", "bf16"],
+        [sys.executable, "-m", "flashcache_sglang.kernels.compile_check", "--arch", "90", "--dtypes", "bf16", "fp8e4nv"],
         capture_output=True, text=True, env=environment, timeout=300, check=False,
     )
     report = result.stdout + result.stderr
     assert result.returncode == 0, report
-    assert report.count("ok ") == 6, report
+    # bf16: scoring post-RoPE, pre-RoPE, pre-RoPE M-RoPE (2 kernels each); FP8 e4m3 with scales
+    # (2); selection, compaction, 2 FlashInfer-index variants.
+    assert report.count("ok ") == 12, report

@@ -133,3 +133,42 @@ def test_triton_rerotate_equals_reference(dtype, layout, num_tokens):
     tolerance = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
     for got, want in zip(buffers, expected):
         torch.testing.assert_close(got.float(), want.float(), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("kind", ["default", "llama3", "yarn", "mrope"])
+def test_scoring_undoes_sglangs_own_rotation(kind):
+    """Keys rotated by SGLang's own module and written to a pool, scored with the spec
+    rotary_spec_of built: the kernel's pre-RoPE deviation equals scoring the raw keys."""
+    from flashcache_sglang import upstream
+    from flashcache_sglang.kernels import score_span
+    from flashcache_sglang.kernels.testing import DEVICE, assert_close
+    from flashcache_sglang.method.scoring import frequency_scores
+
+    rope = _sglang_rope(kind)
+    spec = upstream.rotary_spec_of(rope)
+    generator = torch.Generator().manual_seed(3)
+    num_layers, num_tokens, num_heads = 2, 63, 2
+    pre_rope = torch.randn(num_layers, num_tokens, num_heads, HEAD_DIM, generator=generator).cumsum(1) / 8
+    values = torch.randn(num_layers, num_tokens, num_heads, HEAD_DIM, generator=generator)
+    if kind == "mrope":
+        positions = torch.randint(0, spec.max_positions, (3, num_tokens), generator=generator)
+    else:
+        positions = torch.randint(0, spec.max_positions, (num_tokens,), generator=generator)
+    slots = torch.randperm(100, generator=generator)[:num_tokens] + 1
+    k_buffers, v_buffers = [], []
+    for layer in range(num_layers):
+        query = torch.zeros(num_tokens, num_heads * HEAD_DIM)
+        _, rotated = rope.forward_native(positions, query, pre_rope[layer].reshape(num_tokens, -1).clone())
+        k_buffer = torch.zeros(101, num_heads, HEAD_DIM)
+        v_buffer = torch.zeros(101, num_heads, HEAD_DIM)
+        k_buffer[slots] = rotated.reshape(num_tokens, num_heads, HEAD_DIM)
+        v_buffer[slots] = values[layer]
+        k_buffers.append(k_buffer.to(DEVICE))
+        v_buffers.append(v_buffer.to(DEVICE))
+    expected = frequency_scores(pre_rope, values, 0.2)
+    for backend in ("triton", "reference"):
+        got = score_span(k_buffers, v_buffers, slots.to(DEVICE), 0.2, positions=positions.to(DEVICE),
+                         rotary=spec, backend=backend)
+        assert got.key_space == "pre_rope"
+        assert_close(got.key_deviation, expected.key_deviation, f"{backend} key_deviation", 1e-4, 1e-4)
+        assert_close(got.value_deviation, expected.value_deviation, f"{backend} value_deviation", 1e-4, 1e-4)

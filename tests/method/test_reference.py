@@ -10,7 +10,6 @@ from flashcache_sglang.reference import (
     continuation_nll,
     continue_from_prefill,
     prefill,
-    unrotate_keys,
 )
 
 CONTEXT, TOTAL = 48, 64
@@ -86,18 +85,6 @@ def test_attention_output_error_is_zero_when_everything_is_kept():
     assert bool((attention_output_error(queries, keys, values, half) > 0).all())
 
 
-def test_unrotate_keys_recovers_pre_rope_keys(tiny_llama, input_ids):
-    captured = {}
-    hook = tiny_llama.model.layers[1].self_attn.k_proj.register_forward_hook(
-        lambda module, args, output: captured.setdefault("k", output))
-    try:
-        prefilled = prefill(tiny_llama, input_ids[:, :CONTEXT])
-    finally:
-        hook.remove()
-    pre_rope = captured["k"][0].view(CONTEXT, 2, 16)
-    assert torch.allclose(unrotate_keys(tiny_llama, prefilled.keys)[1], pre_rope, atol=1e-5)
-
-
 def test_bad_reference_input(tiny_llama, input_ids):
     with pytest.raises(ValueError, match="context_len must be in"):
         continuation_nll(tiny_llama, input_ids, TOTAL, None)
@@ -117,3 +104,33 @@ def test_qwen2_5_vl_language_model_text_prompt():
     got = continuation_nll(model, ids, 30, None)
     want = _plain_nll(model, ids, 30)
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+
+def test_kv_quantization_fp8_and_bf16(tiny_llama, input_ids):
+    import dataclasses
+
+    from flashcache_sglang.reference import KVQuantization, kv_quantization
+
+    prefilled = prefill(tiny_llama, input_ids[:, :CONTEXT])
+    fp8 = KVQuantization.for_prefill(prefilled, "fp8_e4m3")
+    assert fp8.key_scales.shape == (3,)
+    keys, values = fp8.apply_to_span(prefilled.keys, prefilled.values)
+    # the per-layer scale maps each layer's amax to float8_e4m3's 448: nothing saturates
+    torch.testing.assert_close(keys.abs().amax(dim=(1, 2, 3)), prefilled.keys.abs().amax(dim=(1, 2, 3)))
+    assert 0 < float((keys - prefilled.keys).abs().max()) < 0.1 * float(prefilled.keys.abs().max())
+    again, _ = fp8.apply_to_span(keys, values)
+    assert torch.equal(again, keys), "stored values are fixed points"
+    bf16 = KVQuantization.for_prefill(prefilled, "bf16")
+    assert torch.equal(bf16.key_scales, torch.ones(3))
+    full = continue_from_prefill(tiny_llama, prefilled, input_ids[:, CONTEXT:], None)
+    quantized = dataclasses.replace(prefilled, keys=keys, values=values)
+    with kv_quantization(fp8):
+        got = continue_from_prefill(tiny_llama, quantized, input_ids[:, CONTEXT:], None)
+    assert 0 < float((got - full).abs().max()) < 0.5
+    # inside the block, the continuation's own K/V are stored quantised too
+    crushed = KVQuantization("fp8_e4m3", torch.full((3,), 1e6), torch.full((3,), 1e6))
+    with kv_quantization(crushed):
+        zeroed = continue_from_prefill(tiny_llama, quantized, input_ids[:, CONTEXT:], None)
+    assert float((zeroed - got).abs().max()) > 1e-3
+    with pytest.raises(ValueError, match="kv_dtype must be one of"):
+        KVQuantization.for_prefill(prefilled, "int4")
