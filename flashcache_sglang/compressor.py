@@ -17,6 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import dataclasses
+import logging
+
 import torch
 
 from .config import FlashCacheConfig
@@ -25,6 +28,8 @@ from .kernels.rotary import rerotate_slots
 from .policies import FlashCachePolicy, KVSpan, make_policy
 
 SENTINEL_SLOT = 0
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -97,13 +102,28 @@ class CompressionController:
             the same tokens. None with one rank.
     """
 
-    def __init__(self, kv_pool, free_slots, rotary=None, reduce=None) -> None:
+    def __init__(self, kv_pool, free_slots, rotary=None, reduce=None, kv_scales=None) -> None:
         self.kv_pool = kv_pool
         self.free_slots = free_slots
         # Dropped candidates are never the sentinel: free them without the filtering pass.
         self._free_known = getattr(free_slots, "unfiltered", free_slots)
         self.rotary = rotary
         self.reduce = reduce
+        # FP8 pools store x / scale per layer: a callable returning (k_scales, v_scales), or None.
+        self.kv_scales = kv_scales
+        self._spec_cache: tuple = (None, None)
+        self._warned_post_rope = False
+
+    def rotary_spec(self, device):
+        """The model's RotarySpec on ``device`` (converted once per table SGLang holds)."""
+        if self.rotary is None:
+            return None
+        spec = self.rotary()
+        key, converted = self._spec_cache
+        if key is not spec.cos_sin_cache or converted is None or converted.cos_sin_cache.device != torch.device(device):
+            converted = spec.to(device)
+            self._spec_cache = (spec.cos_sin_cache, converted)
+        return converted
 
     # ------------------------------------------------------------------ buffers
     def _layers(self):
@@ -117,10 +137,14 @@ class CompressionController:
         return [self.kv_pool.get_value_buffer(layer) for layer in self._layers()]
 
     @staticmethod
-    def policy(config: FlashCacheConfig, retention: float | None = None):
+    def policy(config: FlashCacheConfig, retention: float | None = None, *, multimodal: bool = False):
+        """The configured policy. The default ``flashcache`` adds a recency prior measured on text
+        only (benchmarks/results/fidelity_smollm2.md); visual candidates are ranked by content alone."""
         kwargs = {"retention": min(max(retention if retention is not None else config.retention, 1e-6), 1.0)}
         if config.policy.startswith("flashcache"):
             kwargs["gamma"] = config.gamma
+        if config.policy == "flashcache" and multimodal:
+            kwargs["recency"] = False
         policy = make_policy(config.policy, **kwargs)
         if getattr(policy, "needs_queries", False):
             raise ValueError(
@@ -130,19 +154,37 @@ class CompressionController:
         return policy
 
     # ------------------------------------------------------------------ scoring
-    def shared_scores(self, slots: torch.Tensor, config: FlashCacheConfig) -> torch.Tensor:
+    def shared_scores(self, slots: torch.Tensor, config: FlashCacheConfig,
+                      positions: torch.Tensor | None = None, *, multimodal: bool = False) -> torch.Tensor:
         """One importance score per candidate (higher = keep), for the one token set a request
         keeps across all layers and heads.
 
         Args:
             slots: ``[n]`` int64 slots of the candidates in position order, on the pool's device.
+            positions: the candidates' RoPE positions as SGLang applied them (``[n]``, or
+                ``[3, n]`` M-RoPE), for policies that score pre-RoPE keys; without them (or
+                without the model's rotary table) keys are scored as cached.
+            multimodal: the candidates are visual tokens (see :meth:`policy`).
         Returns:
             ``[n]`` float32 on the pool's device.
         """
-        policy = self.policy(config)
+        policy = self.policy(config, multimodal=multimodal)
         if isinstance(policy, FlashCachePolicy):
-            scores = score_span(self.key_buffers(), self.value_buffers(), slots, policy.gamma)
-            return _flashcache_shared(scores, policy, self.reduce)
+            device = slots.device
+            spec = self.rotary_spec(device) if policy.key_space == "pre_rope" else None
+            if policy.key_space == "pre_rope" and (spec is None or positions is None):
+                if not self._warned_post_rope:
+                    logger.warning("flashcache: scoring cached (post-RoPE) keys: %s", "no positions given"
+                                   if spec is not None else "the model's rotary embedding is not supported")
+                    self._warned_post_rope = True
+                policy = dataclasses.replace(policy, key_space="post_rope")
+            k_scales, v_scales = self.kv_scales() if self.kv_scales is not None else (None, None)
+            scores = score_span(self.key_buffers(), self.value_buffers(), slots, policy.gamma,
+                                positions=None if spec is None or policy.key_space != "pre_rope"
+                                else positions.to(device, non_blocking=True),
+                                rotary=spec if policy.key_space == "pre_rope" else None,
+                                k_scale=k_scales, v_scale=v_scales)
+            return policy.shared_scores(scores, reduce=self.reduce)
         keys = torch.stack([buffer[slots] for buffer in self.key_buffers()])
         values = torch.stack([buffer[slots] for buffer in self.value_buffers()])
         span = KVSpan(keys=keys, values=values,
@@ -157,7 +199,8 @@ class CompressionController:
         return policy.combine_layers(layer, span).to(torch.float32)
 
     def keep_mask(self, slots: torch.Tensor, num_keep: int, config: FlashCacheConfig,
-                  protected: torch.Tensor | None = None) -> torch.Tensor:
+                  protected: torch.Tensor | None = None, positions: torch.Tensor | None = None, *,
+                  multimodal: bool = False) -> torch.Tensor:
         """Which of ``slots`` ([n] int64, position order) to keep: exactly ``num_keep``, bool [n]
         (``protected`` [n] bool are kept first)."""
         count = int(slots.numel())
@@ -165,14 +208,18 @@ class CompressionController:
             return torch.ones(count, dtype=torch.bool, device=slots.device)
         if num_keep <= 0 and protected is None:
             return torch.zeros(count, dtype=torch.bool, device=slots.device)
-        scores = self.shared_scores(slots, config)
+        scores = self.shared_scores(slots, config, positions, multimodal=multimodal)
         kept = select_kept(scores, int(num_keep), protected)
         mask = torch.zeros(count, dtype=torch.bool, device=slots.device)
         mask[kept] = True
         return mask
 
-    def compress(self, row: torch.Tensor, positions: torch.Tensor, config: FlashCacheConfig) -> RowCompression:
+    def compress(self, row: torch.Tensor, positions: torch.Tensor, config: FlashCacheConfig,
+                 rope_positions: torch.Tensor | None = None, *, multimodal: bool = False) -> RowCompression:
         """Drop the low-deviation candidates at ``positions`` of ``row`` (edited in place).
+
+        ``rope_positions``: the candidates' RoPE positions (``[n]`` or ``[3, n]``), see
+        :meth:`shared_scores`.
 
         No host synchronisation: counts are known on the host (``num_keep`` is decided before
         scoring), the dropped candidates are taken with a stable sort instead of a boolean mask
@@ -187,7 +234,7 @@ class CompressionController:
         if _debug() and bool((slots == SENTINEL_SLOT).any()):
             raise RuntimeError("compressing a row position that is already dropped: double compression")
         num_keep = round(config.retention * num_candidates)
-        keep = self.keep_mask(slots, num_keep, config)
+        keep = self.keep_mask(slots, num_keep, config, positions=rope_positions, multimodal=multimodal)
         dropped = torch.argsort(keep.to(torch.int8), stable=True)[: num_candidates - num_keep]
         self._free_known(slots[dropped])
         dropped_positions = positions[dropped]
@@ -225,29 +272,6 @@ class CompressionController:
                            old_positions[..., select.cpu()].to(destination.device),
                            new_positions[..., select.cpu()].to(destination.device), spec)
         return count
-
-
-def _flashcache_shared(scores, policy: FlashCachePolicy, reduce=None) -> torch.Tensor:
-    """FlashCache's shared-set ranking from pool-direct scores (device ops only): each layer's
-    deviation (mean over every KV head, all TP ranks included) normalised by its mean over the
-    tokens, layers weighted by their heads' mean high-frequency energy ratio (DBA's signal), or
-    uniformly without DBA. With ``reduce`` the per-rank sums are added over the TP group in one
-    collective first."""
-    deviation_sum = scores.deviation.sum(dim=1)  # [L, N]
-    ratio_sum = scores.high_freq_ratio_per_head.to(deviation_sum.device, torch.float32).sum(dim=1)  # [L]
-    num_heads = deviation_sum.new_tensor([scores.deviation.shape[1]])
-    if reduce is not None:
-        packed = reduce(torch.cat([deviation_sum.flatten(), ratio_sum, num_heads]))
-        deviation_sum = packed[: deviation_sum.numel()].view_as(deviation_sum)
-        ratio_sum = packed[deviation_sum.numel(): -1]
-        num_heads = packed[-1:]
-    layer = deviation_sum / num_heads
-    normalised = layer / layer.mean(dim=-1, keepdim=True).clamp_min(1e-30)
-    if getattr(policy, "dba", False):
-        weights = ratio_sum / ratio_sum.sum().clamp_min(1e-12)
-    else:
-        weights = torch.full((layer.shape[0],), 1.0 / layer.shape[0], device=normalised.device)
-    return (weights[:, None] * normalised).sum(dim=0).to(torch.float32)
 
 
 def _debug() -> bool:

@@ -51,7 +51,8 @@ def make_radix_cache(ctx):
     rotary = _rotary_provider(ctx)
     cache = CompressedRadixCache(ctx.params, config, kv_pool=kv_pool, stats=stats, rotary=rotary,
                                  multimodal_positions=upstream.model_uses_mrope(ctx),
-                                 reduce=upstream.tensor_parallel_sum(ctx))
+                                 reduce=upstream.tensor_parallel_sum(ctx),
+                                 kv_scales=upstream.fp8_kv_scales(ctx, kv_pool))
     stats.probe = lambda: {
         "allocator_available": int(allocator.available_size()),
         "allocator_size": int(allocator.size),

@@ -69,7 +69,7 @@ class CompressedRadixCache(RadixCache):
     """
 
     def __init__(self, params, config: FlashCacheConfig, kv_pool=None, stats: Optional[CompressionStats] = None,
-                 rotary=None, multimodal_positions: bool = False, reduce=None):
+                 rotary=None, multimodal_positions: bool = False, reduce=None, kv_scales=None):
         if params.page_size != 1:
             raise ValueError(
                 f"flashcache needs --page-size 1 (got {params.page_size}): with larger pages a "
@@ -85,7 +85,7 @@ class CompressedRadixCache(RadixCache):
         if allocator is not None:
             upstream.filter_sentinel_frees(allocator)
         self.compressor = (
-            CompressionController(kv_pool, allocator.free, rotary=rotary, reduce=reduce)
+            CompressionController(kv_pool, allocator.free, rotary=rotary, reduce=reduce, kv_scales=kv_scales)
             if kv_pool is not None and allocator is not None else None
         )
         # rid -> compression state of requests still running (dropped when they are released)
@@ -233,7 +233,8 @@ class CompressedRadixCache(RadixCache):
         positions = candidate_positions(settings, spans, prompt_len, start, min(up_to, prompt_len))
         row = upstream.request_row(self.req_to_token_pool, req)
         started = time.perf_counter()
-        result = self.compressor.compress(row, positions, settings)
+        result = self.compressor.compress(row, positions, settings, self._rope_positions(req, positions),
+                                          multimodal=bool(spans) and settings.candidates != "text")
         elapsed = time.perf_counter() - started
         state["done"] = True
         self.stats.record(result.num_candidates, result.num_kept, elapsed, publish=False)
@@ -298,7 +299,9 @@ class CompressedRadixCache(RadixCache):
         elif budget > 0:
             device = row.device
             slots = row[candidate_index.to(device)].long()
-            scores = self.compressor.shared_scores(slots, settings).float().cpu()  # the one host sync
+            scores = self.compressor.shared_scores(
+                slots, settings, positions[..., candidate_index],
+                multimodal=bool((unit[candidate_index] >= 0).any())).float().cpu()  # the one host sync
             floor = footprint_floor(times[candidate_index], scores, kind[candidate_index] == TOKEN_MEDIA,
                                     state.footprint_s, max(1, budget // 4))
             chosen = select_kept(scores, budget, floor, backend="reference")
@@ -368,6 +371,16 @@ class CompressedRadixCache(RadixCache):
                                                                            else state.appended), dtype=torch.int64)
         times = torch.full((count,), chunk_time(op, state), dtype=torch.float64)
         return kind, unit, chunk, times
+
+    def _rope_positions(self, req, positions: torch.Tensor) -> torch.Tensor:
+        """RoPE positions of the prompt ``positions`` as SGLang applied them: the positions
+        themselves, or their M-RoPE columns (``[3, n]``) on a multimodal-RoPE model."""
+        if not self.streams.multimodal_positions:
+            return positions
+        inputs = getattr(req, "multimodal_inputs", None)
+        if inputs is None or getattr(inputs, "mrope_positions", None) is None:
+            return positions.expand(3, -1)  # a text-only request: all three axes are the position
+        return upstream.request_mrope_positions(req)[:, positions.to(torch.int64)].to("cpu", torch.int64)
 
     def _request_positions(self, req, length: int) -> torch.Tensor:
         if self.streams.multimodal_positions:

@@ -325,6 +325,27 @@ def tensor_parallel_sum(ctx):
     return lambda tensor: group.all_reduce(tensor.contiguous())
 
 
+def fp8_kv_scales(ctx, kv_pool):
+    """For an FP8 KV pool (``--kv-cache-dtype fp8_e4m3 / fp8_e5m2``): a callable returning the
+    per-layer (k_scales, v_scales) SGLang divides K/V by before storing them (its attention
+    layers' ``k_scale_float`` / ``v_scale_float``, 1.0 when the checkpoint has none). None for
+    other pools."""
+    if getattr(kv_pool, "dtype", None) not in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return None
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    model = context_model(ctx)
+    layers = sorted((m for m in model.modules() if isinstance(m, RadixAttention)), key=lambda m: m.layer_id) \
+        if model is not None else []
+
+    def scales():
+        k = [float(getattr(m, "k_scale_float", None) or 1.0) for m in layers]
+        v = [float(getattr(m, "v_scale_float", None) or 1.0) for m in layers]
+        return (k or None), (v or None)
+
+    return scales
+
+
 def context_model(ctx):
     """The scheduler's model (``tp_worker.model_runner.model``), or None in simulations."""
     runner = ctx.tp_worker.model_runner if ctx.tp_worker is not None else None

@@ -182,7 +182,7 @@ class FlashCachePolicy(Policy):
         ratio = scores.high_freq_ratio.float().to(device)
         return ratio / ratio.sum().clamp_min(1e-12)
 
-    def shared_scores(self, scores: FrequencyScores) -> torch.Tensor:
+    def shared_scores(self, scores: FrequencyScores, reduce=None) -> torch.Tensor:
         """The shared-set ranking of a scored span: higher = keep.
 
         Device-side and sync-free (sorts, means and arithmetic on the scores' device; no
@@ -193,24 +193,42 @@ class FlashCachePolicy(Policy):
         Args:
             scores: :class:`FrequencyScores` of the candidate span in position order
                 (``[num_layers, num_kv_heads, num_tokens]``), in this policy's key space.
+            reduce: with tensor parallelism, a callable summing a tensor over the TP group
+                (each rank scored its own KV heads): the per-head sums are added over the group
+                in one collective before they are combined, so every rank ranks alike and as one
+                process holding every head would (the "energy" weights then use the heads' mean
+                energy ratio). None with one rank.
         Returns:
             ``[num_tokens]`` torch.float32 on the scores' device.
         """
         self._check_key_space(scores)
         content = self.content(scores)
+        num_layers, num_heads, num_tokens = content.shape
         if self.layer_combine == "rank":
-            combined = _row_rank(content).mean(dim=(0, 1))
+            total, count = _row_rank(content).sum(dim=(0, 1)), float(num_layers * num_heads)
+            if reduce is not None:
+                packed = reduce(torch.cat([total, total.new_tensor([count])]))
+                total, count = packed[:-1], packed[-1]
+            combined = total / count
         else:
-            per_layer = content.mean(dim=1)  # the layer's MSE over all its channels
+            per_layer, heads = content.sum(dim=1), content.new_tensor([float(num_heads)])
+            ratio = None
+            if reduce is not None:
+                ratio = scores.high_freq_ratio_per_head.to(content.device, torch.float32).sum(dim=1)
+                packed = reduce(torch.cat([per_layer.flatten(), ratio, heads]))
+                per_layer = packed[: per_layer.numel()].view(num_layers, num_tokens)
+                ratio, heads = packed[per_layer.numel(): -1], packed[-1:]
+            per_layer = per_layer / heads  # the layer's MSE over all its channels
             normalised = per_layer / per_layer.mean(dim=-1, keepdim=True).clamp_min(1e-30)
             if self.layer_combine == "max":
                 combined = normalised.max(dim=0).values
             elif self.layer_combine == "mean":
                 combined = normalised.mean(dim=0)
+            elif ratio is not None and self.dba:
+                combined = ((ratio / ratio.sum().clamp_min(1e-12))[:, None] * normalised).sum(dim=0)
             else:
                 combined = (self._energy_weights(scores)[:, None] * normalised).sum(dim=0)
         if self.recency:
-            num_tokens = combined.shape[-1]
             position = torch.arange(num_tokens, device=combined.device, dtype=torch.float32) / num_tokens
             combined = position + self.content_weight * _row_rank(combined)
         return combined.to(torch.float32)

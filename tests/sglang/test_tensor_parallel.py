@@ -67,7 +67,7 @@ def single_process_keep(policy: str) -> list[bool]:
     return controller.keep_mask(slots, 29, FlashCacheConfig(retention=0.3, policy=policy)).tolist()
 
 
-POLICIES = ("flashcache", "knorm")
+POLICIES = ("flashcache", "flashcache-paper", "knorm")
 
 
 @pytest.mark.timeout(300)
@@ -106,5 +106,6 @@ def test_one_rank_with_its_own_heads_alone_would_differ():
     for layer in range(NUM_LAYERS):
         pool.k_buffer[layer][slots] = keys[layer][:, :NUM_HEADS // 2]
         pool.v_buffer[layer][slots] = values[layer][:, :NUM_HEADS // 2]
-    half = CompressionController(pool, lambda s: None).keep_mask(slots, 29, FlashCacheConfig(retention=0.3)).tolist()
-    assert half != single_process_keep("flashcache")
+    config = FlashCacheConfig(retention=0.3, policy="flashcache-paper")
+    half = CompressionController(pool, lambda s: None).keep_mask(slots, 29, config).tolist()
+    assert half != single_process_keep("flashcache-paper")
