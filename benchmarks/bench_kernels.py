@@ -1,14 +1,16 @@
 """Whole-model FlashCache compression time for one sequence: our kernels vs torch vs the floor.
 
 Through the project's public kernels API (flashcache_sglang.kernels), for every N:
-  engine   what the SGLang integration runs after a request's prefill with page_size 1:
-           score (all layers, straight from the pool's buffers) -> per-layer budgets on the
-           device -> one shared keep set (the dropped slots then go back to the allocator)
-  paged    engine + compact the kept K/V of all layers into fresh pages (page_size 16)
+  engine   what the SGLang integration runs after a request's prefill: score pre-RoPE keys
+           (all layers, straight from the pool's buffers, the model's M-RoPE undone in the
+           kernel's loads) -> the policy's one shared ranking (FlashCachePolicy.shared_scores)
+           -> the selection kernel (the dropped slots then go back to the allocator)
+  stream   engine + what a stream append adds: the kept tokens copied to fresh slots and their
+           keys re-rotated to contiguous positions (copy_slots + rerotate_slots)
 
 Variants timed in the same run:
-  triton          flashcache_sglang.kernels (folded low-pass matmul scoring, Triton selection
-                  and compaction)
+  triton          flashcache_sglang.kernels (folded low-pass matmul scoring with fused inverse
+                  RoPE, Triton selection, slot copy and re-rotation)
   torch_reference the float32 references (gather, FFT-based DCT, stable sorts, index copies)
   torch_matmul    scoring only: gather + cuBLAS low-pass projection (transform-choice evidence)
   floor           bytes that must move / measured device copy bandwidth
@@ -62,7 +64,8 @@ SIZES = {
     # Keeps the script working on a CPU in seconds.
     "tiny": (ModelShape(2, 2, 64, torch.float32), [63, 200]),
 }
-GAMMA, RETENTION, PAGE_SIZE = 0.2, 0.2, 16
+GAMMA, RETENTION = 0.2, 0.2
+ROPE_THETA, MROPE_SECTION = 1_000_000.0, (16, 24, 24)  # Qwen2.5-VL (tiny sizes scale the sections)
 
 
 def timings_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> list[float]:
@@ -108,34 +111,14 @@ def copy_bandwidth_gbps(device: torch.device) -> float:
     return 2 * num_bytes / (statistics.median(times) * 1e-3) / 1e9
 
 
-def device_budgets(ratios: torch.Tensor, total: int, cap: int) -> torch.Tensor:
-    """Per-layer budgets proportional to the high-frequency ratio, on the device, no sync.
-
-    A stand-in for flashcache_sglang.method.budget.allocate_budgets (host bisection, timed
-    separately): one proportional split, capped, remainder by largest fraction.
-    """
-    share = ratios.clamp_min(0) + 1e-9
-    continuous = (share / share.sum() * total).clamp(max=cap)
-    budgets = continuous.floor().long()
-    remainder = total - budgets.sum()
-    order = torch.argsort(continuous - budgets, descending=True)
-    bump = (torch.arange(budgets.numel(), device=ratios.device) < remainder).long()
-    budgets[order] += bump
-    return budgets.clamp(max=cap)
-
-
-def shared_scores(layer_deviation: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
-    """One score per token for a keep set shared by all layers: each layer's deviation,
-    normalised by its mean, weighted by the layer's budget share."""
-    normalised = layer_deviation / layer_deviation.mean(dim=1, keepdim=True).clamp_min(1e-12)
-    return (normalised * (budgets / budgets.sum()).unsqueeze(1)).sum(0)
-
-
 def make_problem(shape: ModelShape, num_tokens: int, device: torch.device, seed: int = 0):
-    """A pool with the span on scattered pages, spare pages for compaction, a protected tail."""
+    """A pool with a video span on scattered slots (M-RoPE positions of 16x16-token frames),
+    a protected tail, fresh slots for a stream append's copy, and the model's rotary table."""
+    from flashcache_sglang.kernels.rotary import RotarySpec
+
     generator = torch.Generator().manual_seed(seed)
-    num_pages = 2 * math.ceil(num_tokens / PAGE_SIZE) + 2
-    num_slots = num_pages * PAGE_SIZE
+    budget = max(1, int(RETENTION * num_tokens))
+    num_slots = num_tokens + budget + 2
 
     def buffer() -> torch.Tensor:
         x = torch.randn(num_slots, shape.num_kv_heads, shape.head_dim, generator=generator)
@@ -143,72 +126,82 @@ def make_problem(shape: ModelShape, num_tokens: int, device: torch.device, seed:
 
     k_buffers = [buffer() for _ in range(shape.num_layers)]
     v_buffers = [buffer() for _ in range(shape.num_layers)]
-    pages = torch.randperm(num_pages - 1, generator=generator) + 1
-    span_pages = pages[: math.ceil(num_tokens / PAGE_SIZE)]
-    offsets = torch.arange(num_tokens)
-    slots = (span_pages[offsets // PAGE_SIZE] * PAGE_SIZE + offsets % PAGE_SIZE).to(device)
-    budget = max(1, int(RETENTION * num_tokens))
-    new_pages = pages[len(span_pages) : len(span_pages) + math.ceil(budget / PAGE_SIZE)].to(device)
+    order = torch.randperm(num_slots - 1, generator=generator) + 1
+    slots, fresh = order[:num_tokens].to(device), order[num_tokens:num_tokens + budget].to(device)
+    side = 16
+    index = torch.arange(num_tokens)
+    frame, cell = index // (side * side), index % (side * side)
+    positions = torch.stack([frame, cell // side, cell % side]) + 1  # after a text token
+    half = shape.head_dim // 2
+    section = [half * s // sum(MROPE_SECTION) for s in MROPE_SECTION]
+    section[-1] = half - sum(section[:-1])
+    rotary = RotarySpec.default_rope(shape.head_dim, ROPE_THETA, int(positions.max()) + 2,
+                                     mrope_section=section).to(device)
     protected = torch.zeros(num_tokens, dtype=torch.bool, device=device)
     protected[-max(1, num_tokens // 64) :] = True  # e.g. the text after the video
-    return k_buffers, v_buffers, slots, budget, new_pages, protected
+    return dict(k_buffers=k_buffers, v_buffers=v_buffers, slots=slots, budget=budget, protected=protected,
+                positions=positions.to(device), rotary=rotary, fresh=fresh)
+
+
+def _policy():
+    from flashcache_sglang.policies import make_policy
+
+    # What the engine ranks visual candidates with (CompressionController.policy, multimodal).
+    return make_policy("flashcache", retention=RETENTION, gamma=GAMMA, recency=False)
 
 
 def engine_pipeline(problem, backend: str):
-    """What the integration runs with page_size 1: score, budgets, select (no KV moves)."""
+    """What the integration runs after a prefill: score, the shared ranking, select."""
     from flashcache_sglang.kernels import score_span, select_kept
 
-    k_buffers, v_buffers, slots, budget, new_pages, protected = problem
-    num_layers, num_tokens = len(k_buffers), slots.numel()
+    p, policy = problem, _policy()
 
     def run():
-        scores = score_span(k_buffers, v_buffers, slots, GAMMA, backend=backend)
-        budgets = device_budgets(scores.high_freq_ratio, budget * num_layers, num_tokens)
-        combined = shared_scores(scores.layer_deviation, budgets)
-        return select_kept(combined, budget, protected, backend=backend)
+        scores = score_span(p["k_buffers"], p["v_buffers"], p["slots"], GAMMA, positions=p["positions"],
+                            rotary=p["rotary"], backend=backend)
+        return select_kept(policy.shared_scores(scores), p["budget"], p["protected"], backend=backend)
 
     return run
 
 
-def pipeline(problem, backend: str):
-    """engine_pipeline + compaction of the kept K/V into fresh pages (page_size 16)."""
-    from flashcache_sglang.kernels import compact_kept, score_span, select_kept
+def stream_pipeline(problem, backend: str):
+    """engine_pipeline + a stream append's move: kept tokens to fresh slots, keys re-rotated
+    to contiguous positions."""
+    from flashcache_sglang.kernels import copy_slots
+    from flashcache_sglang.kernels.rotary import rerotate_slots
 
-    k_buffers, v_buffers, slots, budget, new_pages, protected = problem
-    num_layers, num_tokens = len(k_buffers), slots.numel()
+    p, engine = problem, engine_pipeline(problem, backend)
 
     def run():
-        scores = score_span(k_buffers, v_buffers, slots, GAMMA, backend=backend)
-        budgets = device_budgets(scores.high_freq_ratio, budget * num_layers, num_tokens)
-        combined = shared_scores(scores.layer_deviation, budgets)
-        kept = select_kept(combined, budget, protected, backend=backend)
-        # Compaction writes into new_pages every call: same bytes each repeat, pool unchanged
-        # where it matters (the span is only read).
-        return compact_kept(k_buffers, v_buffers, slots, kept, PAGE_SIZE, new_pages, backend=backend)
+        kept = engine()
+        old = p["positions"][:, kept]
+        new = torch.arange(kept.numel(), device=kept.device).expand(3, -1)
+        copy_slots(p["k_buffers"], p["v_buffers"], p["slots"][kept], p["fresh"][: kept.numel()], backend=backend)
+        rerotate_slots(p["k_buffers"], p["fresh"][: kept.numel()], old, new, p["rotary"], backend=backend)
+        return kept
 
     return run
 
 
 def stage_functions(problem, backend: str) -> dict[str, Callable[[], object]]:
-    from flashcache_sglang.kernels import compact_kept, score_span, select_kept
+    from flashcache_sglang.kernels import copy_slots, score_span, select_kept
+    from flashcache_sglang.kernels.rotary import rerotate_slots
 
-    k_buffers, v_buffers, slots, budget, new_pages, protected = problem
-    num_layers, num_tokens = len(k_buffers), slots.numel()
-    scores = score_span(k_buffers, v_buffers, slots, GAMMA, backend=backend)
-    budgets = device_budgets(scores.high_freq_ratio, budget * num_layers, num_tokens)
-    combined = shared_scores(scores.layer_deviation, budgets)
-    kept = select_kept(combined, budget, protected, backend=backend)
-    per_layer_budget = torch.full((num_layers,), budget, device=slots.device)
+    p, policy = problem, _policy()
+    scores = score_span(p["k_buffers"], p["v_buffers"], p["slots"], GAMMA, positions=p["positions"],
+                        rotary=p["rotary"], backend=backend)
+    combined = policy.shared_scores(scores)
+    kept = select_kept(combined, p["budget"], p["protected"], backend=backend)
+    fresh = p["fresh"][: kept.numel()]
+    new = torch.arange(kept.numel(), device=kept.device).expand(3, -1)
     return {
-        "score": lambda: score_span(k_buffers, v_buffers, slots, GAMMA, backend=backend),
-        "budgets_device": lambda: device_budgets(scores.high_freq_ratio, budget * num_layers, num_tokens),
-        "select_shared": lambda: select_kept(combined, budget, protected, backend=backend),
-        "select_per_layer": lambda: select_kept(
-            scores.layer_deviation, per_layer_budget, protected, max_budget=budget, backend=backend
-        ),
-        "compact": lambda: compact_kept(
-            k_buffers, v_buffers, slots, kept, PAGE_SIZE, new_pages, backend=backend
-        ),
+        "score": lambda: score_span(p["k_buffers"], p["v_buffers"], p["slots"], GAMMA, positions=p["positions"],
+                                    rotary=p["rotary"], backend=backend),
+        "shared_ranking": lambda: policy.shared_scores(scores),
+        "select_shared": lambda: select_kept(combined, p["budget"], p["protected"], backend=backend),
+        "copy_kept": lambda: copy_slots(p["k_buffers"], p["v_buffers"], p["slots"][kept], fresh, backend=backend),
+        "rerotate_kept": lambda: rerotate_slots(p["k_buffers"], fresh, p["positions"][:, kept], new, p["rotary"],
+                                                backend=backend),
     }
 
 
@@ -217,7 +210,7 @@ def torch_matmul_scoring(problem):
     from flashcache_sglang.kernels.scoring.reference import gather_span
     from flashcache_sglang.method.dct import cutoff_index
 
-    k_buffers, v_buffers, slots, *_ = problem
+    k_buffers, v_buffers, slots = problem["k_buffers"], problem["v_buffers"], problem["slots"]
     num_tokens = slots.numel()
     cutoff = cutoff_index(num_tokens, GAMMA)
     n = torch.arange(num_tokens, device=slots.device, dtype=torch.float64)
@@ -237,7 +230,8 @@ def torch_matmul_scoring(problem):
 
 
 def floor_bytes(shape: ModelShape, num_tokens: int) -> int:
-    """Read the span's K/V of every layer once, then read + write the kept share (compaction)."""
+    """Read the span's K/V of every layer once, then read + write the kept share (a stream
+    append's copy to fresh slots)."""
     element = torch.tensor([], dtype=shape.dtype).element_size()
     span = 2 * shape.num_layers * num_tokens * shape.num_kv_heads * shape.head_dim * element
     return span + 2 * int(span * RETENTION)
@@ -247,7 +241,7 @@ def sweep_configs(problem, device: torch.device, repeats: int) -> list[dict]:
     """Scoring time for tile variants: each kernel's tiles varied with the other's at default."""
     from flashcache_sglang.kernels.scoring.triton import GPU_CONFIG, KernelTiles, score_span_triton
 
-    k_buffers, v_buffers, slots, *_ = problem
+    k_buffers, v_buffers, slots = problem["k_buffers"], problem["v_buffers"], problem["slots"]
     coefficient_tiles = [(64, 64, 0, 8), (128, 64, 0, 8), (64, 32, 0, 4), (128, 32, 0, 8), (64, 64, 0, 4)]
     residual_tiles = [(64, 64, 64, 8), (64, 64, 32, 8), (128, 64, 32, 8), (64, 32, 64, 4), (64, 64, 128, 8)]
     configs = [
@@ -320,7 +314,6 @@ def main(argv=None) -> int:
         "shape": {**asdict(shape), "dtype": str(shape.dtype)},
         "gamma": GAMMA,
         "retention": RETENTION,
-        "page_size": PAGE_SIZE,
         "timing": "triton.testing.do_bench, L2 flushed" if device.type == "cuda" else "perf_counter, interpreter",
         "target_ms": TARGET_MS,
         "results": [],
@@ -341,13 +334,13 @@ def main(argv=None) -> int:
             "median_ms": floor_bytes(shape, num_tokens) / (bandwidth * 1e9) * 1e3,
         }
         row["engine"] = summary(timings_ms(engine_pipeline(problem, triton_backend), device, repeats))
-        row["triton"] = summary(timings_ms(pipeline(problem, triton_backend), device, repeats))
+        row["stream"] = summary(timings_ms(stream_pipeline(problem, triton_backend), device, repeats))
         row["triton_stages"] = {
             name: summary(timings_ms(fn, device, repeats))
             for name, fn in stage_functions(problem, triton_backend).items()
         }
         if not args.skip_reference:
-            row["torch_reference"] = summary(timings_ms(pipeline(problem, "reference"), device, repeats))
+            row["torch_reference"] = summary(timings_ms(stream_pipeline(problem, "reference"), device, repeats))
             row["torch_reference_stages"] = {
                 name: summary(timings_ms(fn, device, repeats))
                 for name, fn in stage_functions(problem, "reference").items()
@@ -356,7 +349,7 @@ def main(argv=None) -> int:
         from flashcache_sglang.method.budget import allocate_budgets
 
         ratios = torch.rand(shape.num_layers, device=device)
-        budget = problem[3]
+        budget = problem["budget"]
         row["allocate_budgets_host"] = summary(
             timings_ms(
                 lambda: allocate_budgets(ratios, budget * shape.num_layers, 0, num_tokens),
@@ -373,7 +366,7 @@ def main(argv=None) -> int:
         output.write_text(json.dumps(report, indent=2))  # partial results survive a time-out
         reference = row.get("torch_reference", {}).get("median_ms", float("nan"))
         print(
-            f"N={num_tokens:6d}  engine {row['engine']['median_ms']:.3f} ms  paged {row['triton']['median_ms']:.3f} ms  "
+            f"N={num_tokens:6d}  engine {row['engine']['median_ms']:.3f} ms  stream {row['stream']['median_ms']:.3f} ms  "
             f"torch {reference:.3f} ms  floor {row['floor']['median_ms']:.3f} ms  "
             f"score {row['triton_stages']['score']['median_ms']:.3f}  "
             f"torch_matmul_score {row['torch_matmul_score']['median_ms']:.3f}", flush=True

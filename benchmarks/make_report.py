@@ -214,11 +214,12 @@ def kernels_section(group: list[tuple[Path, dict]]) -> list[str]:
     rows = []
     for _, report in group:
         for row in report["results"]:
-            rows.append([row["num_tokens"], row.get("triton", {}).get("median_ms"),
+            rows.append([row["num_tokens"], row.get("engine", {}).get("median_ms"), row.get("stream", {}).get("median_ms"),
                          row.get("torch_reference", {}).get("median_ms"), row.get("floor", {}).get("median_ms"),
                          row.get("paper_ms"), (report.get("target_ms") or {}).get(str(row["num_tokens"]))])
     rows.sort(key=lambda r: r[0])
-    return lines + _table(["tokens", "triton median ms", "torch reference median ms", "bandwidth floor ms",
+    return lines + _table(["tokens", "engine (score + rank + select) ms", "+ stream move ms",
+                           "torch reference ms", "bandwidth floor ms",
                            "paper ms", "target ms"], rows)
 
 

@@ -16,7 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 SERIES = [
-    ("triton", "our kernels (score + budgets + select + compact)", "o-"),
+    ("engine", "our kernels: score (pre-RoPE) + rank + select", "o-"),
+    ("stream", "+ a stream append's copy and re-rotation", "s-"),
     ("torch_reference", "torch reference (FFT DCT, sorts, index copies)", "s-"),
     ("floor", "bandwidth floor (bytes / measured copy bandwidth)", "k--"),
 ]

@@ -167,7 +167,7 @@ kernels = results / f"kernels_{slug}_paper.json"
 if kernels.exists():
     rows = json.loads(kernels.read_text())["results"]
     summary["compression_ms"] = {str(r["num_tokens"]): {"engine": r["engine"]["median_ms"],
-                                                        "paged": r["triton"]["median_ms"]} for r in rows}
+                                                        "stream": r["stream"]["median_ms"]} for r in rows}
     summary["compression_meets_target_8k"] = next((r.get("meets_target") for r in rows if r["num_tokens"] == 8192), None)
 decode = results / f"decode_attention_{slug}.json"
 if decode.exists():

@@ -3,39 +3,24 @@
 Installed as ``flashcache_sglang.kernels`` (a top-level ``kernels`` would shadow Hugging Face's
 kernel hub). Imports need torch and triton only: no SGLang, no transformers.
 
-Public API (shapes in each docstring; ``backend="auto"`` = Triton on CUDA, torch elsewhere):
+Public API (shapes in each docstring; ``backend="auto"`` = Triton on CUDA, torch elsewhere),
+every entry point used by the engine (flashcache_sglang.compressor):
 
-- :func:`score_span` -> FrequencyScores: deviation ``[num_layers, num_kv_heads, num_tokens]``
-  and high-frequency energy ratios of a candidate span read in place from the pool.
+- :func:`score_span` -> FrequencyScores: K and V deviation ``[num_layers, num_kv_heads,
+  num_tokens]`` and high-frequency energy ratios of a candidate span read in place from the
+  pool, keys optionally un-rotated (pre-RoPE) in the kernel's loads, FP8 pools with scales.
 - :func:`select_kept` -> kept positions (torch.int64, ascending): top-``budget`` by score,
   protected tokens forced in; shared (1-D) or per row (2-D).
-- :func:`compact_kept` -> CompactionResult: page_size 1 frees dropped slots; page_size > 1
-  copies kept K/V of all layers into fresh dense pages and frees the old pages.
-- :func:`build_flashinfer_indices` -> FlashInferIndices (kv_indptr, kv_indices,
-  kv_last_page_len, torch.int32) for rows whose dropped tokens hold a sentinel slot.
+- :func:`copy_slots`: K and V of every layer from slots to slots in one launch (a stream
+  memory's copy-on-write).
+- :func:`rotary.rerotate_slots`: cached keys moved from old to new positions with the model's
+  rotary table (a stream memory's re-basing).
 
-Sub-packages ``scoring``, ``selection``, ``compaction`` and ``flashinfer_index`` each hold a
+Sub-packages ``scoring``, ``selection``, ``compaction`` and ``rotary`` each hold a
 ``reference.py`` and a ``triton.py`` with the raw launchers.
 """
 
-from .api import (
-    MATMUL_MAX_TOKENS,
-    CompactionResult,
-    FlashInferIndices,
-    build_flashinfer_indices,
-    compact_kept,
-    copy_slots,
-    score_span,
-    select_kept,
-)
+from .api import MATMUL_MAX_TOKENS, copy_slots, score_span, select_kept
+from .rotary import rerotate_slots
 
-__all__ = [
-    "MATMUL_MAX_TOKENS",
-    "CompactionResult",
-    "FlashInferIndices",
-    "build_flashinfer_indices",
-    "compact_kept",
-    "copy_slots",
-    "score_span",
-    "select_kept",
-]
+__all__ = ["MATMUL_MAX_TOKENS", "copy_slots", "rerotate_slots", "score_span", "select_kept"]

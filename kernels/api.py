@@ -1,4 +1,6 @@
-"""The four operations the SGLang integration calls, each validating its inputs once.
+"""The operations the SGLang integration calls, each validating its inputs once: scoring a span
+straight from the pool, selecting the kept set, and copying slots (a stream memory's
+copy-on-write; re-rotation lives in :mod:`.rotary`).
 
 ``backend="auto"`` runs Triton on CUDA tensors and the torch reference elsewhere, so CPU
 serving needs no TRITON_INTERPRET. ``backend="triton"`` forces the kernels (on CPU that needs
@@ -7,7 +9,6 @@ TRITON_INTERPRET=1; the tests do this), ``backend="reference"`` forces torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -19,14 +20,11 @@ from ._common import (
     KV_DTYPES,
     check_index_tensor,
     check_kv_buffers,
-    check_page_size,
     debug_checks_enabled,
     resolve_backend,
 )
 from .compaction.reference import copy_slots_reference
 from .compaction.triton import copy_slots_triton
-from .flashinfer_index.reference import build_flashinfer_indices_reference
-from .flashinfer_index.triton import build_flashinfer_indices_triton
 from .rotary import RotarySpec
 from .scoring.inputs import Scale, check_rotary, check_scales
 from .scoring.reference import score_span_reference
@@ -179,103 +177,6 @@ def select_kept(
     return kept[0] if shared else kept
 
 
-@dataclass(frozen=True)
-class CompactionResult:
-    """Where the kept tokens live after compaction and what the allocator gets back.
-
-    Attributes:
-        kept_slots: ``[num_kept]`` torch.int64, the slot of each kept token, position order.
-        slots_to_free: torch.int64 slots for the allocator's ``free()``: the dropped slots
-            (page_size 1) or the first slot of every old page of the region (page_size > 1;
-            SGLang's paged allocator frees ``unique(slots // page_size)``).
-    """
-
-    kept_slots: torch.Tensor
-    slots_to_free: torch.Tensor
-
-
-def compact_kept(
-    k_buffers: Sequence[torch.Tensor],
-    v_buffers: Sequence[torch.Tensor],
-    region_slots: torch.Tensor,
-    kept_positions: torch.Tensor,
-    page_size: int,
-    new_pages: torch.Tensor | None = None,
-    *,
-    backend: str = "auto",
-) -> CompactionResult:
-    """Keep ``kept_positions`` of a request's region; move K/V only when pages demand it.
-
-    page_size 1: nothing moves; the dropped slots are returned to free.
-    page_size > 1: the kept tokens of all layers are copied, in position order, into the fresh
-    dense ``new_pages`` (the last one partly filled, so decoding can append to it), and every
-    old page of the region is returned to free. The region must be page-aligned (its slot i
-    is ``page(i) * page_size + i % page_size``) and owned by this request alone: include any
-    prefix or suffix tokens that share its pages in ``kept_positions``; a page shared with
-    another request (radix cache) must not be inside the region.
-
-    Args:
-        k_buffers, v_buffers: per layer ``[num_slots, num_kv_heads, head_dim]``, as in
-            :func:`score_span`.
-        region_slots: ``[region_len]`` torch.int32 / torch.int64 slots in position order.
-        kept_positions: ``[num_kept]`` torch.int64 / torch.int32 strictly increasing positions
-            in [0, region_len) (the output of :func:`select_kept`).
-        page_size: SGLang's page size (>= 1).
-        new_pages: ``[ceil(num_kept / page_size)]`` torch.int32 / torch.int64 page indices
-            from the allocator, disjoint from the region's pages; required when page_size > 1.
-        backend: "auto", "triton" or "reference".
-    """
-    layout = check_kv_buffers(k_buffers, v_buffers)
-    check_index_tensor(region_slots, "region_slots", layout.device)
-    check_index_tensor(kept_positions, "kept_positions", layout.device)
-    check_page_size(page_size)
-    region_len, num_kept = region_slots.numel(), kept_positions.numel()
-    if num_kept > region_len:
-        raise ValueError(f"kept_positions has {num_kept} entries, more than region_len={region_len}")
-    if debug_checks_enabled() and num_kept:
-        positions = kept_positions.long()
-        if bool((positions[1:] <= positions[:-1]).any()) or int(positions[0]) < 0 or int(positions[-1]) >= region_len:
-            raise ValueError(f"kept_positions must be strictly increasing in [0, {region_len})")
-    region = region_slots.long()
-    kept_old = region[kept_positions.long()]
-
-    if page_size == 1:
-        dropped = torch.ones(region_len, dtype=torch.bool, device=layout.device)
-        dropped[kept_positions.long()] = False
-        return CompactionResult(kept_slots=kept_old, slots_to_free=region[dropped])
-
-    num_new_pages = -(-num_kept // page_size)
-    if new_pages is None:
-        raise ValueError("new_pages is required when page_size > 1")
-    check_index_tensor(new_pages, "new_pages", layout.device)
-    if new_pages.numel() != num_new_pages:
-        raise ValueError(
-            f"new_pages has {new_pages.numel()} pages, expected ceil({num_kept} / {page_size}) = "
-            f"{num_new_pages}"
-        )
-    old_page_slots = region[::page_size]
-    if debug_checks_enabled():
-        _check_paged_region(region, old_page_slots, new_pages, page_size)
-    offsets = torch.arange(num_kept, device=layout.device)
-    new_slots = new_pages.long()[offsets // page_size] * page_size + offsets % page_size
-    if resolve_backend(backend, layout.device) == "triton":
-        copy_slots_triton(k_buffers, v_buffers, kept_old, new_slots, layout.slot_stride)
-    else:
-        copy_slots_reference(k_buffers, v_buffers, kept_old, new_slots)
-    return CompactionResult(kept_slots=new_slots, slots_to_free=old_page_slots)
-
-
-def _check_paged_region(
-    region: torch.Tensor, old_page_slots: torch.Tensor, new_pages: torch.Tensor, page_size: int
-) -> None:
-    offsets = torch.arange(region.numel(), device=region.device)
-    expected = old_page_slots.repeat_interleave(page_size)[: region.numel()] + offsets % page_size
-    if bool((old_page_slots % page_size != 0).any()) or not torch.equal(region, expected):
-        raise ValueError("region_slots is not page-aligned and dense within its pages")
-    if bool(torch.isin(new_pages.long(), old_page_slots // page_size).any()):
-        raise ValueError("new_pages overlap the region's own pages")
-
-
 def copy_slots(
     k_buffers: Sequence[torch.Tensor],
     v_buffers: Sequence[torch.Tensor],
@@ -303,92 +204,3 @@ def copy_slots(
         copy_slots_triton(k_buffers, v_buffers, source_slots.long(), destination_slots.long(), layout.slot_stride)
     else:
         copy_slots_reference(k_buffers, v_buffers, source_slots.long(), destination_slots.long())
-
-
-@dataclass(frozen=True)
-class FlashInferIndices:
-    """FlashInfer's paged-KV description of a batch (all torch.int32).
-
-    Attributes:
-        kv_indptr: ``[batch_size + 1]``, request b owns kv_indices[kv_indptr[b]:kv_indptr[b+1]].
-        kv_indices: ``[total_pages]`` page indices (slot indices when page_size is 1).
-        kv_last_page_len: ``[batch_size]`` tokens in each request's last page, in
-            [1, page_size] (0 for a request with no tokens).
-    """
-
-    kv_indptr: torch.Tensor
-    kv_indices: torch.Tensor
-    kv_last_page_len: torch.Tensor
-
-
-def build_flashinfer_indices(
-    req_to_token: torch.Tensor,
-    req_pool_indices: torch.Tensor,
-    seq_lens: torch.Tensor,
-    page_size: int,
-    *,
-    physical_seq_lens: torch.Tensor | None = None,
-    num_pages_total: int | None = None,
-    sentinel: int = 0,
-    backend: str = "auto",
-) -> FlashInferIndices:
-    """Paged indices of a batch whose rows hold ``sentinel`` for dropped (compressed) tokens.
-
-    Args:
-        req_to_token: ``[num_req_slots, max_context_len]`` torch.int32 (SGLang's
-            ReqToTokenPool.req_to_token), contiguous rows.
-        req_pool_indices: ``[batch_size]`` torch.int32 / torch.int64 rows of the batch.
-        seq_lens: ``[batch_size]`` torch.int32 / torch.int64 logical lengths to cover.
-        page_size: SGLang's page size; after compaction the physical tokens of a row must be
-            dense within pages (physical token j in page j // page_size at offset
-            j % page_size), which :func:`compact_kept` guarantees.
-        physical_seq_lens: ``[batch_size]`` int, non-sentinel tokens per request. Pass it
-            (the integration tracks it) to avoid counting here.
-        num_pages_total: host int, sum of ceil(physical_seq_lens / page_size). Pass it to
-            avoid a device sync.
-        sentinel: slot value of dropped tokens (slot 0 is never allocated by SGLang).
-        backend: "auto", "triton" or "reference".
-    """
-    if not isinstance(req_to_token, torch.Tensor) or req_to_token.dim() != 2:
-        raise ValueError("req_to_token must be a [num_req_slots, max_context_len] tensor")
-    device = req_to_token.device
-    if req_to_token.dtype not in (torch.int32, torch.int64) or req_to_token.stride(1) != 1:
-        raise ValueError(
-            f"req_to_token must be int32/int64 with contiguous rows, got {req_to_token.dtype} "
-            f"strides {req_to_token.stride()}"
-        )
-    check_index_tensor(req_pool_indices, "req_pool_indices", device)
-    check_index_tensor(seq_lens, "seq_lens", device)
-    check_page_size(page_size)
-    batch_size = req_pool_indices.numel()
-    if seq_lens.numel() != batch_size:
-        raise ValueError(f"seq_lens has {seq_lens.numel()} entries, expected batch_size={batch_size}")
-    if debug_checks_enabled() and batch_size and int(seq_lens.max()) > req_to_token.shape[1]:
-        raise ValueError(f"seq_lens exceed max_context_len={req_to_token.shape[1]}")
-
-    if resolve_backend(backend, device) == "reference":
-        kv_indptr, kv_indices, kv_last_page_len = build_flashinfer_indices_reference(
-            req_to_token, req_pool_indices, seq_lens, page_size, sentinel
-        )
-        return FlashInferIndices(kv_indptr, kv_indices, kv_last_page_len)
-
-    if physical_seq_lens is None:
-        rows = req_to_token[req_pool_indices.long()]
-        in_row = torch.arange(rows.shape[1], device=device)[None, :] < seq_lens[:, None]
-        physical_seq_lens = ((rows != sentinel) & in_row).sum(1)
-    else:
-        check_index_tensor(physical_seq_lens, "physical_seq_lens", device)
-        if physical_seq_lens.numel() != batch_size:
-            raise ValueError(
-                f"physical_seq_lens has {physical_seq_lens.numel()} entries, expected {batch_size}"
-            )
-    pages = (physical_seq_lens.long() + page_size - 1) // page_size
-    kv_indptr = torch.zeros(batch_size + 1, dtype=torch.int32, device=device)
-    kv_indptr[1:] = pages.cumsum(0)
-    if num_pages_total is None:
-        num_pages_total = int(kv_indptr[-1])
-    kv_last_page_len = (physical_seq_lens.long() - (pages - 1).clamp_min(0) * page_size).to(torch.int32)
-    kv_indices = build_flashinfer_indices_triton(
-        req_to_token, req_pool_indices, seq_lens, kv_indptr, num_pages_total, page_size, sentinel
-    )
-    return FlashInferIndices(kv_indptr, kv_indices, kv_last_page_len)

@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from .compaction import triton as compaction
-from .flashinfer_index import triton as flashinfer_index
+from .rotary import triton as rotary
 from .scoring import triton as scoring
 from .selection import triton as selection
 
@@ -97,12 +97,13 @@ def _other_kernels():
         dict(ROW=4 * HEAD_DIM, BLOCK_TOKENS=compaction.GPU_BLOCK_TOKENS,
              BLOCK_COLUMNS=compaction.BLOCK_COLUMNS), 4, 1, "bf16",
     )
-    for page_size in (1, 16):
+    for multi_axis in (False, True):
         yield (
-            flashinfer_index._flashinfer_indices_kernel,
-            dict(req_to_token_ptr="*i32", req_pool_indices_ptr="*i64", seq_lens_ptr="*i32",
-                 kv_indptr_ptr="*i32", kv_indices_ptr="*i32", row_stride="i32", sentinel="i32"),
-            dict(PAGE_SIZE=page_size, BLOCK=flashinfer_index.GPU_BLOCK), 4, 1, f"page_size {page_size}",
+            rotary._rerotate_kernel,
+            dict(key_ptrs="*u64", pool_ref="*bf16", slots_ptr="*i64", old_ptr="*i64", new_ptr="*i64",
+                 axis_ptr="*i64", cache_ptr="*fp32", num_tokens="i32", slot_stride="i32", cache_stride="i32"),
+            dict(NUM_HEADS=4, HEAD_DIM=HEAD_DIM, HALF=HEAD_DIM // 2, BLOCK_HALF=HEAD_DIM // 2, NEOX=True,
+                 MULTI_AXIS=multi_axis), 4, 1, "bf16 M-RoPE" if multi_axis else "bf16",
         )
 
 

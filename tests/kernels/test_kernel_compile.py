@@ -18,5 +18,5 @@ def test_kernels_compile_for_sm90():
     report = result.stdout + result.stderr
     assert result.returncode == 0, report
     # bf16: scoring post-RoPE, pre-RoPE, pre-RoPE M-RoPE (2 kernels each); FP8 e4m3 with scales
-    # (2); selection, compaction, 2 FlashInfer-index variants.
+    # (2); selection, slot copy, re-rotation (1-D and M-RoPE).
     assert report.count("ok ") == 12, report

@@ -1,1 +1,0 @@
-"""flashinfer_index: reference.py (torch, float32) and triton.py (kernel + launcher)."""
