@@ -36,7 +36,7 @@ def test_gpu_suite_dry_run(tmp_path):
     assert "cpu_model" in summary["machine"]
     kernels = json.loads((tmp_path / f"kernels_{slug}_paper.json").read_text())
     assert [row["num_tokens"] for row in kernels["results"]] == [63]
-    assert {"engine", "triton", "triton_stages", "floor"} <= set(kernels["results"][0])
+    assert {"engine", "stream", "triton_stages", "floor"} <= set(kernels["results"][0])
     decode = json.loads((tmp_path / f"decode_attention_{slug}.json").read_text())
     (case,) = decode["cases"]
     assert case["kept_tokens"] < case["full_tokens"]
