@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 WRAPPED_ATTENTION_BACKENDS = ("torch_native", "triton", "flashinfer", "fa3")
-SUPPORTED_KV_DTYPES = ("auto", "bfloat16", "float16", "float32")
+SUPPORTED_KV_DTYPES = ("auto", "bf16", "bfloat16", "float16", "float32", "fp8_e4m3", "fp8_e5m2")
 
 
 class UnsupportedSetting(ValueError):
@@ -111,7 +111,7 @@ REFUSALS: tuple[Refusal, ...] = (
     Refusal("decode_attention_backend", _attention,
             f"flashcache wraps only the {', '.join(WRAPPED_ATTENTION_BACKENDS)} attention backends"),
     Refusal("kv_cache_dtype", lambda v: v is not None and v not in SUPPORTED_KV_DTYPES,
-            "quantized KV pools are not scored by flashcache yet (supported: "
+            "this KV dtype is not scored by flashcache (supported: "
             + ", ".join(SUPPORTED_KV_DTYPES) + ")"),
     Refusal("enable_hisparse", _truthy, "hierarchical sparse attention reads KV by position", switch=True),
     Refusal("enable_unified_memory", _truthy,

@@ -188,11 +188,17 @@ def copy_slots(
     """Copy the K and V of ``source_slots`` into ``destination_slots`` in every layer (one launch).
 
     Args:
-        k_buffers, v_buffers: per layer ``[num_slots, num_kv_heads, head_dim]``.
+        k_buffers, v_buffers: per layer ``[num_slots, num_kv_heads, head_dim]``, any KV dtype
+            (FP8 pools: their float8 views, copied as bytes).
         source_slots / destination_slots: ``[n]`` torch.int32 / torch.int64 on the pool's device;
             destinations distinct and disjoint from the sources.
     """
-    layout = check_kv_buffers(k_buffers, v_buffers)
+    if k_buffers and isinstance(k_buffers[0], torch.Tensor) and k_buffers[0].dtype in FP8_KV_DTYPES:
+        # A copy moves bytes: FP8 buffers go through as their uint8 storage (every launcher
+        # and index op supports it).
+        k_buffers = [buffer.view(torch.uint8) for buffer in k_buffers]
+        v_buffers = [buffer.view(torch.uint8) for buffer in v_buffers]
+    layout = check_kv_buffers(k_buffers, v_buffers, dtypes=KV_DTYPES + (torch.uint8,))
     check_index_tensor(source_slots, "source_slots", layout.device)
     check_index_tensor(destination_slots, "destination_slots", layout.device)
     if source_slots.numel() != destination_slots.numel():

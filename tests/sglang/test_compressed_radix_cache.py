@@ -1138,3 +1138,79 @@ class TestHostSyncs:
         assert HostReadCounter.reads == ["tolist"], HostReadCounter.reads  # the report's two counts
         harness.finish(req)
         harness.check()
+
+
+# ================================================================= 10. FP8 KV pools
+class TestFP8Pool:
+    """SGLang's own FP8 KV pool (uint8 storage, float8 views): compression scores the FP8 pool,
+    a stream append copies and re-rotates FP8 keys, and every slot is accounted for."""
+
+    def harness(self, dtype=torch.float8_e4m3fn):
+        from flashcache_sglang.kernels.rotary import RotarySpec
+
+        spec = RotarySpec.default_rope(HEAD_DIM, 100.0, 4096)
+        harness = Harness(FlashCacheConfig(retention=0.5, candidates="text", sink_tokens=2, recent_tokens=2,
+                                           min_candidates=4), pool_size=300, rotary=lambda: spec)
+        harness.kv_pool = MHATokenToKVPool(300, 1, dtype, NUM_KV_HEADS, HEAD_DIM, NUM_LAYERS, "cpu", False)
+        harness.cache.compressor.kv_pool = harness.kv_pool
+
+        def write_through_views(h, req, slots, start):  # as SGLang's set_kv_buffer stores FP8
+            for layer in range(NUM_LAYERS):
+                shape = (slots.numel(), NUM_KV_HEADS, HEAD_DIM)
+                h.kv_pool.get_key_buffer(layer)[slots] = torch.randn(shape, generator=h.generator).to(dtype)
+                h.kv_pool.get_value_buffer(layer)[slots] = torch.randn(shape, generator=h.generator).to(dtype)
+
+        harness.kv_writer = write_through_views
+        return harness, spec
+
+    def test_fp8_pool_is_stored_as_bytes_and_compressed(self):
+        harness, _ = self.harness()
+        assert harness.kv_pool.k_buffer[0].dtype == torch.uint8  # SGLang's storage for FP8
+        assert harness.kv_pool.get_key_buffer(0).dtype == torch.float8_e4m3fn
+        req = FakeReq("a", tokens(40))
+        assert harness.start(req)
+        harness.finish(req)
+        assert harness.cache.stats.requests_compressed == 1
+        assert int((harness.cache.path_device_indices(req.last_node) == 0).sum()) == 18  # half of 36 candidates
+        harness.check()
+
+    def test_fp8_stream_append_copies_and_rerotates(self):
+        from flashcache_sglang.kernels.rotary import apply_rotary_reference
+
+        harness, spec = self.harness()
+        pre = {}
+
+        def writer(h, req, slots, start):
+            for offset, slot in enumerate(slots.tolist()):
+                token, position = int(req.origin_input_ids[start + offset]), start + offset
+                generator = torch.Generator().manual_seed(token)
+                key = torch.randn(NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, generator=generator)
+                pre[token] = key
+                for layer in range(NUM_LAYERS):
+                    rotated = apply_rotary_reference(key[layer][None], torch.tensor([position]), spec)[0]
+                    h.kv_pool.get_key_buffer(layer)[slot] = rotated.to(torch.float8_e4m3fn)
+                    h.kv_pool.get_value_buffer(layer)[slot] = key[layer].to(torch.float8_e4m3fn)
+
+        harness.kv_writer = writer
+        for index in range(4):
+            ids = (tokens(4, 100) if index == 0 else []) + tokens(16, 10_000 + 100 * index)
+            stream = {"id": "cam", "op": "append", "cap_tokens": 20, "chunk": index}
+            if index == 0:
+                stream["start"] = True
+            req = FakeReq(f"append-{index}", ids, flashcache={"stream": stream})
+            harness.cache.on_request_created(req)
+            assert req.to_finish is None and harness.start(req)
+            harness.finish(req)
+            harness.check()
+        version = harness.cache.streams.streams["cam"].current
+        slots = harness.cache.path_device_indices(version.node).long()
+        assert int(version.candidate_mask().sum()) <= 20
+        for index, (token, slot) in enumerate(zip(version.token_ids.tolist(), slots.tolist())):
+            for layer in range(NUM_LAYERS):
+                expected = apply_rotary_reference(pre[token][layer][None], torch.tensor([index]), spec)[0]
+                got = harness.kv_pool.get_key_buffer(layer)[slot].float()
+                # Two FP8 roundings (stored at its old position, again after re-rotation).
+                torch.testing.assert_close(got, expected, rtol=0.15, atol=0.15)
+        harness.cache.close_stream("cam")
+        harness.evict_all()
+        assert harness.allocator.available_size() == harness.start_available

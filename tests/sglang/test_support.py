@@ -41,7 +41,7 @@ REFUSED_FLAGS = [
     (["--attention-backend", "trtllm_mha"], "--attention-backend trtllm_mha: flashcache wraps only"),
     (["--decode-attention-backend=flex_attention"], "--decode-attention-backend flex_attention"),
     (["--pp-size", "2"], "--pp-size 2: pipeline parallelism"),
-    (["--kv-cache-dtype", "fp8_e4m3"], "--kv-cache-dtype fp8_e4m3: quantized KV pools"),
+    (["--kv-cache-dtype", "nvfp4"], "--kv-cache-dtype nvfp4: this KV dtype is not scored"),
     (["--disable-radix-cache"], "--disable-radix-cache: flashcache is a radix cache"),
     (["--radix-cache-backend", "flexkv"], "--radix-cache-backend flexkv: conflicts"),
     (["--cuda-graph-backend-prefill", "breakable"], "--cuda-graph-backend-prefill breakable: prefill CUDA graphs"),
@@ -50,6 +50,7 @@ REFUSED_FLAGS = [
 ALLOWED_FLAGS = [
     ["--attention-backend", "fa3"], ["--attention-backend", "triton"], ["--attention-backend", "flashinfer"],
     ["--page-size", "1"], ["--tp-size", "1"], ["--tp-size", "2"], ["--kv-cache-dtype", "bfloat16"],
+    ["--kv-cache-dtype", "fp8_e4m3"], ["--kv-cache-dtype", "fp8_e5m2"],
     ["--cuda-graph-backend-prefill", "disabled"], ["--cuda-graph-backend-decode", "full"],
 ]
 
