@@ -39,6 +39,11 @@ from .selection.triton import select_kept_triton
 # bounds the cached DCT table (215 MB in bf16 at 32K). Unmeasured: benchmarks/run_gpu_suite.sh
 # times both at 2K-32K; move this to the measured crossover.
 MATMUL_MAX_TOKENS = 32768
+# Most temporary memory one Triton scoring launch may take (its low-pass coefficients), as a share
+# of the scored span's K/V in the pool; spans that would need more are scored a few layers per
+# launch (issue target: compression's extra memory <= 5% of the candidates' KV, the cached DCT
+# table aside).
+SCORING_EXTRA_FRACTION = 0.02
 
 
 def score_span(
@@ -93,8 +98,46 @@ def score_span(
     if backend == "auto" and slot_indices.numel() > MATMUL_MAX_TOKENS:
         chosen = "reference"
     if chosen == "triton":
-        return score_span_launch(k_buffers, v_buffers, slot_indices, gamma, layout, rope, scales, None)
+        return _score_in_layer_groups(k_buffers, v_buffers, slot_indices, gamma, layout, rope, scales)
     return score_span_reference(k_buffers, v_buffers, slot_indices, gamma, rope, scales)
+
+
+def scoring_layer_group(num_tokens: int, gamma: float, layout) -> int:
+    """Layers one scoring launch covers, so that its temporary low-pass coefficients
+    (``(floor(gamma * N) + 1) x 2 * layers * heads x head_dim`` in the compute dtype) stay under
+    SCORING_EXTRA_FRACTION of the span's K/V in the pool (about gamma otherwise)."""
+    from flashcache_sglang.method.dct import cutoff_index
+
+    compute_bytes = 4 if layout.dtype == torch.float32 else 2
+    pool_bytes = torch.tensor([], dtype=layout.dtype).element_size()
+    per_layer = (cutoff_index(num_tokens, gamma) + 1) * 2 * layout.num_kv_heads * layout.head_dim * compute_bytes
+    span = num_tokens * 2 * layout.num_layers * layout.num_kv_heads * layout.head_dim * pool_bytes
+    return max(1, min(layout.num_layers, int(SCORING_EXTRA_FRACTION * span // per_layer)))
+
+
+def _score_in_layer_groups(k_buffers, v_buffers, slot_indices, gamma, layout, rope, scales) -> FrequencyScores:
+    """Scores are per (layer, head): a span scored a few layers per launch is scored exactly."""
+    import dataclasses
+
+    num_layers = layout.num_layers
+    group = scoring_layer_group(slot_indices.numel(), gamma, layout)
+    if group >= num_layers:
+        return score_span_launch(k_buffers, v_buffers, slot_indices, gamma, layout, rope, scales, None)
+    shape = (num_layers, layout.num_kv_heads, slot_indices.numel())
+    out = FrequencyScores(
+        torch.empty(shape, dtype=torch.float32, device=layout.device),
+        torch.empty(shape, dtype=torch.float32, device=layout.device),
+        torch.empty(num_layers, dtype=torch.float32, device=layout.device),
+        torch.empty(shape[:2], dtype=torch.float32, device=layout.device),
+        key_space="post_rope" if rope is None else "pre_rope")
+    for start in range(0, num_layers, group):
+        stop = min(start + group, num_layers)
+        part_scales = None if scales is None else torch.cat([scales[start:stop], scales[num_layers + start:num_layers + stop]])
+        part = score_span_launch(k_buffers[start:stop], v_buffers[start:stop], slot_indices, gamma,
+                                 dataclasses.replace(layout, num_layers=stop - start), rope, part_scales, None)
+        for name in ("key_deviation", "value_deviation", "high_freq_ratio", "high_freq_ratio_per_head"):
+            getattr(out, name)[start:stop] = getattr(part, name)
+    return out
 
 
 def select_kept(

@@ -21,7 +21,8 @@ import torch
 
 from .dct import cutoff_index, dct2, idct2
 
-__all__ = ["KEY_SPACES", "FrequencyScores", "frequency_scores", "low_frequency_share", "unrotate_span_keys"]
+__all__ = ["KEY_SPACES", "FrequencyScores", "SpanEnergies", "frequency_energies", "frequency_scores",
+           "low_frequency_share", "unrotate_span_keys"]
 
 KEY_SPACES = ("post_rope", "pre_rope")
 
@@ -145,6 +146,51 @@ def unrotate_span_keys(keys: torch.Tensor, positions: torch.Tensor, rotary) -> t
     return pre_rope.reshape(num_tokens, num_layers, num_kv_heads, head_dim).transpose(0, 1)
 
 
+@dataclass(frozen=True)
+class SpanEnergies:
+    """The raw parts of :class:`FrequencyScores` for a block of (layer, KV head) rows, so a span
+    can be scored a few heads at a time (bounded memory) and assembled exactly afterwards.
+
+    Attributes:
+        key_deviation / value_deviation: ``[num_layers, num_kv_heads, num_tokens]`` float32.
+        key_high / key_total / value_high / value_total: ``[num_layers, num_kv_heads]`` spectral
+            energy above the cutoff and in total.
+    """
+
+    key_deviation: torch.Tensor
+    value_deviation: torch.Tensor
+    key_high: torch.Tensor
+    key_total: torch.Tensor
+    value_high: torch.Tensor
+    value_total: torch.Tensor
+
+    @staticmethod
+    def cat(parts: "list[SpanEnergies]", dim: int) -> "SpanEnergies":
+        """Join blocks along layers (``dim=0``) or KV heads (``dim=1``)."""
+        fields = ("key_deviation", "value_deviation", "key_high", "key_total", "value_high", "value_total")
+        return SpanEnergies(*(torch.cat([getattr(p, name) for p in parts], dim=dim) for name in fields))
+
+    def scores(self, key_space: str) -> FrequencyScores:
+        per_head = _ratio(self.key_high, self.key_total) + _ratio(self.value_high, self.value_total)
+        per_layer = (_ratio(self.key_high.sum(1), self.key_total.sum(1))
+                     + _ratio(self.value_high.sum(1), self.value_total.sum(1)))
+        return FrequencyScores(self.key_deviation, self.value_deviation, per_layer.float(), per_head.float(),
+                               key_space=key_space)
+
+
+def frequency_energies(keys: torch.Tensor, values: torch.Tensor, gamma: float = 0.2, *,
+                       positions: torch.Tensor | None = None, rotary=None) -> SpanEnergies:
+    """The raw parts of :func:`frequency_scores` (same arguments)."""
+    _check_kv(keys, values)
+    if (positions is None) != (rotary is None):
+        raise ValueError("positions and rotary go together: pass both (pre-RoPE keys) or neither")
+    if rotary is not None:
+        keys = unrotate_span_keys(keys, positions, rotary)
+    dev_k, high_k, total_k = _one_tensor(keys, gamma)
+    dev_v, high_v, total_v = _one_tensor(values, gamma)
+    return SpanEnergies(dev_k, dev_v, high_k, total_k, high_v, total_v)
+
+
 def frequency_scores(
     keys: torch.Tensor,
     values: torch.Tensor,
@@ -163,24 +209,8 @@ def frequency_scores(
             ``rotary`` the keys are un-rotated before scoring (``key_space="pre_rope"``).
         rotary: :class:`~flashcache_sglang.kernels.rotary.RotarySpec` of the model, or None.
     """
-    _check_kv(keys, values)
-    if (positions is None) != (rotary is None):
-        raise ValueError("positions and rotary go together: pass both (pre-RoPE keys) or neither")
-    key_space = "post_rope"
-    if rotary is not None:
-        keys = unrotate_span_keys(keys, positions, rotary)
-        key_space = "pre_rope"
-    dev_k, high_k, total_k = _one_tensor(keys, gamma)
-    dev_v, high_v, total_v = _one_tensor(values, gamma)
-    per_head = _ratio(high_k, total_k) + _ratio(high_v, total_v)
-    per_layer = _ratio(high_k.sum(1), total_k.sum(1)) + _ratio(high_v.sum(1), total_v.sum(1))
-    return FrequencyScores(
-        key_deviation=dev_k,
-        value_deviation=dev_v,
-        high_freq_ratio=per_layer,
-        high_freq_ratio_per_head=per_head,
-        key_space=key_space,
-    )
+    energies = frequency_energies(keys, values, gamma, positions=positions, rotary=rotary)
+    return energies.scores("post_rope" if rotary is None else "pre_rope")
 
 
 def low_frequency_share(x: torch.Tensor, gamma: float = 0.2) -> torch.Tensor:

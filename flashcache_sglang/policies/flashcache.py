@@ -165,9 +165,10 @@ class FlashCachePolicy(Policy):
             )
 
     # ---------------------------------------------------------------- the one shared ranking
-    def content(self, scores: FrequencyScores) -> torch.Tensor:
-        """``[num_layers, num_kv_heads, num_tokens]`` float32 combined K/V deviation."""
-        keys, values = scores.key_deviation.float(), scores.value_deviation.float()
+    def content(self, scores: FrequencyScores, layers: slice = slice(None)) -> torch.Tensor:
+        """``[num_layers, num_kv_heads, num_tokens]`` float32 combined K/V deviation (of the
+        ``layers`` slice only, when given)."""
+        keys, values = scores.key_deviation[layers].float(), scores.value_deviation[layers].float()
         if self.normalise_kv:
             tiny = torch.finfo(torch.float32).tiny
             keys = keys / keys.mean(dim=-1, keepdim=True).clamp_min(tiny)
@@ -202,15 +203,19 @@ class FlashCachePolicy(Policy):
             ``[num_tokens]`` torch.float32 on the scores' device.
         """
         self._check_key_space(scores)
-        content = self.content(scores)
-        num_layers, num_heads, num_tokens = content.shape
+        num_layers, num_heads, num_tokens = scores.key_deviation.shape
         if self.layer_combine == "rank":
-            total, count = _row_rank(content).sum(dim=(0, 1)), float(num_layers * num_heads)
+            # One layer at a time: the sort's temporaries stay a layer's worth (engine memory).
+            total = torch.zeros(num_tokens, dtype=torch.float32, device=scores.key_deviation.device)
+            for layer in range(num_layers):
+                total += _row_rank(self.content(scores, slice(layer, layer + 1))).sum(dim=(0, 1))
+            count = float(num_layers * num_heads)
             if reduce is not None:
                 packed = reduce(torch.cat([total, total.new_tensor([count])]))
                 total, count = packed[:-1], packed[-1]
             combined = total / count
         else:
+            content = self.content(scores)
             per_layer, heads = content.sum(dim=1), content.new_tensor([float(num_heads)])
             ratio = None
             if reduce is not None:

@@ -38,28 +38,33 @@ def cos_sin_for(positions: torch.Tensor, spec: RotarySpec) -> tuple[torch.Tensor
     half = spec.rotary_dim // 2
     if positions.dim() == 1:
         rows = cache[positions.long()]
-    else:
-        axes = spec.axis_of_pair.to(positions.device)
-        per_axis = cache[positions.long()]  # [3, num_tokens, rotary_dim]
-        pair = torch.arange(half, device=positions.device)
-        rows = torch.cat([per_axis[axes, :, pair].T, per_axis[axes, :, pair + half].T], dim=-1)
-    return rows[:, :half], rows[:, half:]
+        return rows[:, :half], rows[:, half:]
+    # M-RoPE: pair i reads the row of its own axis' position (no [3, num_tokens, rotary_dim] copy).
+    axes = spec.axis_of_pair.to(positions.device)
+    rows = positions.long()[axes].T  # [num_tokens, half]: the table row each (token, pair) reads
+    pair = torch.arange(half, device=positions.device)[None, :]
+    return cache[rows, pair], cache[rows, pair + half]
 
 
 def apply_rotary_reference(
-    keys: torch.Tensor, positions: torch.Tensor, spec: RotarySpec, *, inverse: bool = False
+    keys: torch.Tensor, positions: torch.Tensor, spec: RotarySpec, *, inverse: bool = False,
+    cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Rotate ``keys`` (``[num_tokens, num_kv_heads, head_dim]``) to ``positions``, or undo it.
 
     ``inverse=True`` maps a cached (rotated) key back to the pre-RoPE key, dividing out a
-    magnitude scale the table may carry (YaRN). Returns float32 of the input's shape.
+    magnitude scale the table may carry (YaRN). ``cos_sin``: :func:`cos_sin_for` of these
+    positions, when the caller rotates several blocks of the same tokens. Returns float32 of the
+    input's shape.
     """
     if keys.dim() != 3 or keys.shape[-1] != spec.head_dim:
         raise ValueError(f"keys must be [num_tokens, num_kv_heads, head_dim={spec.head_dim}], got {tuple(keys.shape)}")
-    _check_positions(positions, spec, keys.shape[0], "positions")
+    if cos_sin is None:
+        _check_positions(positions, spec, keys.shape[0], "positions")
+        cos_sin = cos_sin_for(positions.to(keys.device), spec)
     out = keys.to(torch.float32).clone()
     rotary = spec.rotary_dim
-    cos, sin = (t[:, None, :] for t in cos_sin_for(positions.to(keys.device), spec))
+    cos, sin = (t[:, None, :] for t in cos_sin)
     if spec.is_neox_style:
         first, second = out[..., : rotary // 2], out[..., rotary // 2 : rotary]
     else:

@@ -338,10 +338,24 @@ def test_scoring_rejects_bad_rotary_and_scale_arguments(entry, extra, argument):
 
 
 def test_fp8_pools_are_refused_by_kernels_that_do_not_dequantise():
-    from flashcache_sglang.kernels import compact_kept
+    from flashcache_sglang.kernels import select_kept
 
-    k_buffers, v_buffers = _pool()
-    k8 = [b.to(torch.float8_e4m3fn) for b in k_buffers]
-    v8 = [b.to(torch.float8_e4m3fn) for b in v_buffers]
-    with pytest.raises(ValueError, match="k_buffers\\[0\\] dtype"):
-        compact_kept(k8, v8, torch.arange(1, 5, device=DEVICE), torch.arange(2, device=DEVICE), 1)
+    k_buffers, _ = _pool()
+    scores = k_buffers[0][:8, 0, 0].to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="scores must be float16, bfloat16 or float32"):
+        select_kept(scores, 2)
+
+
+def test_spans_scored_a_few_layers_per_launch_score_exactly(monkeypatch):
+    """A long span is scored in layer groups (bounded temporary memory): same scores as one launch."""
+    from flashcache_sglang.kernels import api
+
+    k_buffers, v_buffers = make_pool(5, 120, 2, 64, torch.float32, seed=3)
+    slots = torch.arange(1, 98, device=DEVICE)
+    whole = api.score_span(k_buffers, v_buffers, slots, 0.2, backend="triton")
+    monkeypatch.setattr(api, "SCORING_EXTRA_FRACTION", 1e-6)  # one layer per launch
+    layout = api.check_kv_buffers(k_buffers, v_buffers)
+    assert api.scoring_layer_group(97, 0.2, layout) == 1
+    grouped = api.score_span(k_buffers, v_buffers, slots, 0.2, backend="triton")
+    for name in ("key_deviation", "value_deviation", "high_freq_ratio", "high_freq_ratio_per_head"):
+        torch.testing.assert_close(getattr(grouped, name), getattr(whole, name), rtol=1e-6, atol=1e-7)
