@@ -560,6 +560,22 @@ def open_redis(url: str, socket_timeout_s: float = 2.0):
     return sentinel.master_for(path[0], **master_kwargs)
 
 
+def call_with_retries(operation: Callable[[], T], errors: tuple, retries: int, backoff_s: float, sanitized_url: str) -> T:
+    """Run a Redis operation, retrying connection errors with doubling backoff; StoreUnavailable
+    once ``retries`` attempts failed (the URL in messages is the sanitised one)."""
+    delay = backoff_s
+    for attempt in range(retries):
+        try:
+            return operation()
+        except errors as error:
+            if attempt == retries - 1:
+                raise StoreUnavailable(f"Redis at {sanitized_url!r} unreachable after {retries} attempts: {error}") from None
+            logger.warning("Redis at %s: %s; retrying in %.1f s", sanitized_url, error, delay)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
 class RedisStore:
     """Metadata in Redis (redis-py), namespaced per deployment.
 
@@ -611,17 +627,7 @@ class RedisStore:
         return ":".join((self.namespace,) + parts)
 
     def _call(self, operation: Callable[[], T]) -> T:
-        delay = self.retry_backoff_s
-        for attempt in range(self.retries):
-            try:
-                return operation()
-            except self._errors as error:
-                if attempt == self.retries - 1:
-                    raise StoreUnavailable(f"Redis at {self.sanitized_url!r} unreachable after {self.retries} attempts: {error}") from None
-                logger.warning("Redis at %s: %s; retrying in %.1f s", self.sanitized_url, error, delay)
-                time.sleep(delay)
-                delay *= 2
-        raise AssertionError("unreachable")
+        return call_with_retries(operation, self._errors, self.retries, self.retry_backoff_s, self.sanitized_url)
 
     def _script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         script = self._scripts[name]

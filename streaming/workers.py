@@ -57,7 +57,7 @@ from .budget import BudgetSettings
 from .memory import MemoryBackendError
 from .sglang_backend import STREAM_SESSION_PREFIX, MemoryLost, SGLangMemoryBackend
 from .sources import sanitize_url
-from .store import StoreUnavailable, open_redis
+from .store import StoreUnavailable, call_with_retries, open_redis
 from .types import Answer, Chunk, ChunkReceipt, ChunkRecord, Turn
 
 __all__ = [
@@ -261,17 +261,7 @@ class RedisPlacement:
         self._place = self._redis.register_script(_PLACE)
 
     def _call(self, operation):
-        delay = self.retry_backoff_s
-        for attempt in range(self.retries):
-            try:
-                return operation()
-            except self._errors as error:
-                if attempt == self.retries - 1:
-                    raise StoreUnavailable(f"Redis at {self.sanitized_url!r} unreachable after {self.retries} attempts: "
-                                           f"{error}") from None
-                time.sleep(delay)
-                delay *= 2
-        raise AssertionError("unreachable")
+        return call_with_retries(operation, self._errors, self.retries, self.retry_backoff_s, self.sanitized_url)
 
     def place(self, stream_id: str, candidates: Sequence[str], weight: int) -> tuple[str, Optional[str]]:
         if not candidates:
