@@ -311,14 +311,25 @@ class CompressedRadixCache(RadixCache):
         device = row.device
         source = row[kept_index.to(device)].long()
         from_memory = (kept_index < memory_len).to(device)
-        fresh = self._allocate(int(from_memory.sum()))
-        if fresh is None:
-            upstream.report_to_request(req, stream=stream_report(
-                state, previous, op, error="no free KV slots to copy the memory into; the chunk was not appended"))
-            logger.warning("stream %s: chunk not appended, no KV slots free for the new memory version", op.stream_id)
-            return
         destination = source.clone()
-        destination[from_memory] = fresh
+        if previous.refs == {rid}:
+            # Nothing else reads the current version: its kept slots move to the next one (keys
+            # re-rotated in place), no copy, no allocation. The old nodes forget them (sentinel),
+            # so deleting the old version frees only what was dropped.
+            self._detach_slots(previous, kept_index[kept_index < memory_len])
+            moved_in_place = True
+        else:
+            # A question still reads the current version: copy-on-write into fresh slots.
+            fresh = self._allocate(int(from_memory.sum()))
+            if fresh is None:
+                upstream.report_to_request(req, stream=stream_report(
+                    state, previous, op, retryable=True,
+                    error="no free KV slots to copy the memory into while questions read it; the chunk was "
+                          "not appended (retry once they finish, or give the server a larger KV pool)"))
+                logger.warning("stream %s: chunk not appended, no KV slots free for the new memory version", op.stream_id)
+                return
+            destination[from_memory] = fresh
+            moved_in_place = False
         rotated = self.compressor.move_slots(source, destination, positions[..., kept_index], new_positions)
         dropped_own = (~keep[memory_len:]).nonzero().flatten() + memory_len
         if dropped_own.numel():
@@ -347,7 +358,31 @@ class CompressedRadixCache(RadixCache):
             req, candidates=new_candidates, kept=kept_new, prompt_tokens=length,
             prompt_kv_slots=version.length, media_kv_slots=int((version.kind == TOKEN_MEDIA).sum()),
             stream=stream_report(state, version, op, dropped_from_memory=int((~keep[:memory_len]).sum()),
-                                 rerotated_keys=rotated, append_ms=round(elapsed * 1e3, 3)))
+                                 rerotated_keys=rotated, moved_in_place=moved_in_place,
+                                 append_ms=round(elapsed * 1e3, 3)))
+
+    def _detach_slots(self, version: MemoryVersion, positions: torch.Tensor) -> None:
+        """Hand the slots at ``positions`` of ``version``'s path over to the caller: their tree
+        entries become the sentinel (accounted as dropped), so the path's deletion skips them."""
+        if positions.numel() == 0:
+            return
+        nodes = list(self._walk_to_root(version.node))[::-1]
+        wanted = positions.tolist()
+        start, index = 0, 0
+        for node in nodes:
+            end = start + len(node.value)
+            picked = []
+            while index < len(wanted) and wanted[index] < end:
+                picked.append(wanted[index] - start)
+                index += 1
+            if picked:
+                node.value[torch.tensor(picked, dtype=torch.int64)] = SENTINEL_SLOT
+                node.fc_dropped = getattr(node, "fc_dropped", 0) + len(picked)
+                if node.lock_ref > 0:
+                    self._dropped_protected += len(picked)
+                else:
+                    self._dropped_evictable += len(picked)
+            start = end
 
     def _chunk_tokens(self, req, op: StreamOp, state, memory_len: int, length: int):
         """kind / unit / chunk / time of the request's own tokens ``[memory_len, length)``."""

@@ -54,6 +54,8 @@ logger = logging.getLogger(__name__)
 
 # SGLang's /close_session addresses a flashcache stream memory by this prefix (stream_memory.py).
 STREAM_SESSION_PREFIX = "flashcache-stream:"
+# A server with no KV slots free while questions read the memory answers an append "retryable".
+APPEND_RETRIES, APPEND_RETRY_BACKOFF_S = 5, 0.5
 
 # Qwen-VL groups frames in pairs (temporal patch 2) and SGLang's video sampler refuses fewer
 # than 2 frames, so a video always holds an even number of frames, at least 2.
@@ -323,15 +325,20 @@ class SGLangMemoryBackend:
         body = {"text": text, "video_data": self._video_payload(files.paths),
                 "sampling_params": {"max_new_tokens": 1, "temperature": 0.0,
                                     "custom_params": {"flashcache": {"stream": stream}}}}
-        meta = self._generate(body).get("meta_info", {})
-        entry = _stream_entry(meta)
-        if entry is None:
-            raise MemoryBackendError(
-                f"SGLang at {self.base_url} answered an append without meta_info.flashcache[0].stream: "
-                "is it started with python -m flashcache_sglang.launch_server?")
-        if "error" in entry:
-            raise MemoryBackendError(f"SGLang could not append chunk {files.index}: {entry['error']}")
-        return meta
+        for attempt in range(APPEND_RETRIES + 1):
+            meta = self._generate(body).get("meta_info", {})
+            entry = _stream_entry(meta)
+            if entry is None:
+                raise MemoryBackendError(
+                    f"SGLang at {self.base_url} answered an append without meta_info.flashcache[0].stream: "
+                    "is it started with python -m flashcache_sglang.launch_server?")
+            if "error" not in entry:
+                return meta
+            if not entry.get("retryable") or attempt == APPEND_RETRIES:
+                raise MemoryBackendError(f"SGLang could not append chunk {files.index}: {entry['error']}")
+            logger.info("stream %s: chunk %d not appended yet (%s); retrying", stream_id, files.index, entry["error"])
+            time.sleep(APPEND_RETRY_BACKOFF_S * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def _record_append(self, state: _SGLangStream, files: _ChunkFiles, meta: dict, start: bool) -> int:
         """Update the stream from an append's answer; returns the chunk's logical tokens."""

@@ -1045,6 +1045,49 @@ class TestStreamMemory:
         assert version.node is None and version.lock is None
         assert harness.cache.protected_size() == self.current(harness).length
 
+    def test_an_unread_memory_moves_in_place_and_a_read_one_is_copied(self):
+        harness = self.harness()
+        for index in range(4):
+            req = self.append(harness, index)
+            if index:
+                assert req.customized_info["flashcache"][0]["stream"]["moved_in_place"] is True
+            # Moving in place allocates nothing: the pool holds exactly the current version.
+            assert harness.start_available - harness.allocator.available_size() == self.current(harness).length
+        version = self.current(harness)
+        question = self.create(harness, self.request("ask-1", tokens(5, 7000), op="ask"))
+        assert harness.start(question)
+        req = self.append(harness, 4)
+        assert req.customized_info["flashcache"][0]["stream"]["moved_in_place"] is False
+        self.check_version(harness, version)  # the question's version is untouched
+        self.check_version(harness, self.current(harness))
+        harness.finish(question)
+        harness.check()
+        assert harness.start_available - harness.allocator.available_size() == self.current(harness).length
+
+    def test_no_slots_for_a_copy_is_a_retryable_error_that_changes_nothing(self, monkeypatch):
+        harness = self.harness()
+        for index in range(3):
+            self.append(harness, index)
+        version = self.current(harness)
+        question = self.create(harness, self.request("ask-1", tokens(5, 7000), op="ask"))
+        assert harness.start(question)
+        monkeypatch.setattr(harness.cache, "_allocate", lambda count: None)
+        req = self.append(harness, 3)
+        report = req.customized_info["flashcache"][0]["stream"]
+        assert report["retryable"] is True and "no free KV slots" in report["error"]
+        assert self.current(harness) is version and report["version"] == version.number
+        self.check_version(harness, version)
+        monkeypatch.undo()
+        harness.finish(question)
+        harness.check()
+        again = self.append(harness, 3)  # the client's retry lands once the question is done
+        assert "error" not in again.customized_info["flashcache"][0]["stream"]
+        assert self.current(harness).number == version.number + 1
+        harness.check()
+        assert harness.cache.close_stream("cam")
+        harness.evict_all()
+        assert harness.allocator.available_size() == harness.start_available
+
     def test_errors_are_named_and_leave_nothing_behind(self):
         harness = self.harness()
         lost = self.create(harness, self.request("a", tokens(3), op="append"))

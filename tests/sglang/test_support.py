@@ -89,7 +89,7 @@ def test_environment_rows():
 def test_policies_that_cannot_serve_are_refused_with_the_valid_list(policy, message):
     problems = support.config_problems(FlashCacheConfig(policy=policy))
     assert len(problems) == 1 and problems[0].startswith(message)
-    assert "valid: flashcache, flashcache_no_dba, knorm" in problems[0]
+    assert "valid: flashcache, flashcache-paper, flashcache_no_dba, knorm, random, streaming_llm" in problems[0]
     with pytest.raises(support.UnsupportedSetting, match=message):
         prepare(["--model-path", "m", "--flashcache-policy", policy])
     with pytest.raises(support.UnsupportedSetting, match=message):

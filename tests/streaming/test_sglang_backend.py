@@ -38,6 +38,7 @@ class FakeSGLang:
         self.responses = []
         self.closed = []
         self.memory = {}  # stream id -> {"fixed": int, "chunks": {index: kept}, "version": int}
+        self.busy = 0  # answer this many of the next non-start appends "retryable" (no slots to copy into)
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -91,6 +92,11 @@ class FakeSGLang:
                          "prompt_tokens": 1, "cached_tokens": 0}
         before = memory["fixed"] + sum(memory["chunks"].values())
         meta = {"prompt_tokens": before + text_tokens + visual, "cached_tokens": before}
+        if stream["op"] == "append" and not stream.get("start") and self.busy:
+            self.busy -= 1
+            meta["flashcache"] = [{"stream": {"id": stream["id"], "op": "append", "version": memory["version"],
+                                              "retryable": True, "error": "no free KV slots to copy the memory into"}}]
+            return 200, meta
         if stream["op"] == "ask":
             meta["flashcache"] = [{"settings": {"stream_op": "ask"}}]
             return 200, meta
@@ -258,3 +264,32 @@ def test_odd_chunks_are_padded_to_whole_temporal_patches(fake_server, videos, tm
     assert [len(v) for v in chunk_videos(Chunk(0, frames[:1], 0.1), None)] == [2]
     with pytest.raises(ValueError, match="frames_per_video"):
         SGLangMemoryBackend(fake_server.url, str(tmp_path), frames_per_video=3)
+
+
+def test_a_busy_server_append_is_retried_and_lands_once(fake_server, videos, tmp_path, monkeypatch):
+    from flashcache_sglang.streaming import sglang_backend
+
+    monkeypatch.setattr(sglang_backend, "APPEND_RETRY_BACKOFF_S", 0.01)
+    fake_server.busy = 3
+    manager, stream_id, _ = run_stream(fake_server, videos, tmp_path)
+    chunks = [r["sampling_params"]["custom_params"]["flashcache"]["stream"].get("chunk") for r in fake_server.requests]
+    assert chunks == [0, 1, 1, 1, 1, 2, 3, 4, 5]  # chunk 1 sent until the server took it, then the rest once
+    assert fake_server.memory[stream_id]["version"] == 6
+    assert [c.index for c in manager.store.chunks(stream_id)] == list(range(6))
+
+
+def test_an_append_the_server_keeps_refusing_fails_the_stream_with_its_reason(fake_server, videos, tmp_path,
+                                                                            monkeypatch):
+    from flashcache_sglang.streaming import sglang_backend
+
+    monkeypatch.setattr(sglang_backend, "APPEND_RETRY_BACKOFF_S", 0.01)
+    fake_server.busy = 1000
+    backend = SGLangMemoryBackend(fake_server.url, str(tmp_path / "chunks"), fps=4.0)
+    manager = StreamManager(InMemoryStore(), backend)
+    config = StreamConfig(sampling=SamplingSettings(fps=4.0, max_pixels=112 * 112), budget=BudgetSettings(kv_cap_tokens=CAP))
+    stream_id, _ = manager.start_stream(str(videos["short"]), config)
+    assert manager.wait(stream_id, 60)
+    record = manager.store.get_stream(stream_id)
+    assert record.status == "failed" and "could not append chunk 1" in record.error
+    assert "no free KV slots" in record.error
+    assert len(fake_server.requests) == 1 + sglang_backend.APPEND_RETRIES + 1
