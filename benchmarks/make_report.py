@@ -368,7 +368,7 @@ def stream_long_section(path: Path, report: dict) -> list[str]:
     lines += _table(["", "planted chunks", "neighbour chunks (+-1 segment)", "all other chunks"],
                     [["kept visual tokens per chunk at the end", planted.get("kept_per_chunk"),
                       planted.get("neighbour_kept_per_chunk"), planted.get("all_chunks_kept_per_chunk")],
-                     ["kept at admission (per chunk)", _cell(_mean_of(planted.get("planted_kept_at_admission"))),
+                     ["visual tokens kept in its own append (per chunk)", _cell(_mean_of(planted.get("planted_kept_at_admission"))),
                       planted.get("neighbour_kept_at_admission_mean"), None],
                      ["retention asked at admission", _cell(_mean_of(planted.get("planted_retention_at_admission"))),
                       planted.get("neighbour_retention_at_admission_mean"), None]])
