@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -274,7 +275,26 @@ def soak_section(path: Path, report: dict) -> list[str]:
     for name in names:
         if "error" in report["backends"][name]:
             lines += [f"- {name}: {report['backends'][name]['error'][:300]}", ""]
+    errors = [[SOAK_LABELS.get(name, name), kind, count, first]
+              for name in names for kind, count, first in error_kinds(report["backends"][name])]
+    if errors:
+        lines += ["Errors recorded (first message of each kind):", ""]
+        lines += _table(["backend", "request", "count", "first message"], errors)
     return lines
+
+
+def error_kinds(run: dict) -> list[tuple[str, int, str]]:
+    """(request kind, count, first message) of a soak backend's failed ingests and questions,
+    one row per distinct message start (paths and ids vary, the cause does not)."""
+    rows: dict[tuple[str, str], list] = {}
+    for kind, events in (("ingest", run.get("ingests", [])), ("question", run.get("questions", []))):
+        for event in events:
+            message = event.get("error")
+            if not message:
+                continue
+            key = (kind, re.sub(r"[/\w.-]*/[\w./-]+|st_[\w-]+|\d+", "_", message)[:80])
+            rows.setdefault(key, [0, message])[0] += 1
+    return [(kind, count, first[:240].replace("|", "/")) for (kind, _), (count, first) in rows.items()]
 
 
 def _ms(seconds: Any) -> Any:

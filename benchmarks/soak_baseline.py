@@ -49,6 +49,7 @@ class _PromptChunk:
 class _ResendStream:
     settings: BudgetSettings
     prompt_chunks: list[_PromptChunk] = field(default_factory=list)  # the window, sink first
+    left_window: set[int] = field(default_factory=set)  # chunks the latest rebase dropped (files kept)
     prefix_tokens: int = 0  # prompt tokens of the window as the server counted them (0: unknown)
     held_tokens: int = 0  # prompt tokens of the latest ingest: what the window's KV holds (kept across a rebase)
     last_chunk_logical: int = 0
@@ -177,10 +178,12 @@ class ResendBaselineBackend:
             self._streams.pop(stream_id, None)
 
     def needed_artifacts(self, stream_id: str) -> Optional[set[int]]:
-        """The chunks of the prompt window (the service deletes the other chunk files)."""
+        """The chunks of the prompt window and those the latest rebase dropped (the service
+        deletes the other chunk files): a question that took its snapshot of the window just
+        before the rebase still sends their files, so they must outlive it by one rebase."""
         state = self._state(stream_id)
         with state.state_lock:
-            return {c.index for c in state.prompt_chunks}
+            return {c.index for c in state.prompt_chunks} | state.left_window
 
     def last_report(self, stream_id: str) -> dict:
         """The latest ingest's numbers: prompt/cached tokens, window size, rebases so far."""
@@ -215,7 +218,9 @@ class ResendBaselineBackend:
         rest = state.prompt_chunks[1:] if sink is not None else state.prompt_chunks
         room = self.max_prompt_chunks // 2 - (1 if sink is not None else 0)
         tail = rest[-room:] if room > 0 else []
-        state.prompt_chunks = ([sink] if sink is not None else []) + tail
+        kept = ([sink] if sink is not None else []) + tail
+        state.left_window = {c.index for c in state.prompt_chunks} - {c.index for c in kept}
+        state.prompt_chunks = kept
         state.rebases += 1
         state.prefix_tokens = 0  # unknown until the server counts the rebased window
 
