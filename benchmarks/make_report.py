@@ -356,11 +356,17 @@ def stream_long_headline(report: dict) -> str:
              f"planted scene keeps {planted['kept_at_end_total']} tokens in {len(planted['chunks'])} chunks "
              f"({_cell(planted.get('kept_per_chunk'))}/chunk vs neighbours {_cell(planted.get('neighbour_kept_per_chunk'))})",
              f"KV flat after the cap: spread {_cell(flat['measured'])} ({'met' if flat['met'] else 'NOT met'})",
-             f"next_position max {bounded['max_next_position']} < context {bounded['context_length']} while positions "
-             f"without re-basing would reach {_cell(bounded['unrebased_positions_over_context'])}x the context and the "
-             f"stream appended {_cell(bounded['logical_over_context'])}x the context in tokens "
-             f"({'met' if bounded['met'] else 'NOT met'})",
-             f"all acceptance checks met: {report['acceptance'].get('all_met')}"]
+             f"next_position max {bounded['max_next_position']} (context {bounded['context_length']}, structural "
+             f"ceiling {bounded.get('next_position_ceiling')}) while positions without re-basing would reach "
+             f"{_cell(bounded['unrebased_positions_over_context'])}x the context and the stream appended "
+             f"{_cell(bounded['logical_over_context'])}x the context in tokens ({'met' if bounded['met'] else 'NOT met'})"]
+    plateau = analysis.get("positions_plateau")
+    if plateau:
+        grown = plateau["measured"]
+        parts.append(f"over the second half next_position grew {_pct(grown['next_position_growth_second_half'])} and "
+                     f"memory_tokens {_pct(grown['memory_tokens_growth_second_half'])} (target <= 5%: "
+                     f"{'met' if plateau['met'] else 'NOT met'})")
+    parts.append(f"all acceptance checks met: {report['acceptance'].get('all_met')}")
     return "; ".join(parts)
 
 
@@ -398,6 +404,8 @@ def stream_long_section(path: Path, report: dict) -> list[str]:
               f"({bounded['probe'].get('per_chunk_tokens')} tokens); without re-basing the stream would end at "
               f"position {bounded['unrebased_positions']}; with it, `next_position` peaked at "
               f"{bounded['max_next_position']} (after the cap: `{json.dumps(bounded['next_position_after_cap'])}`).", ""]
+    lines += [f"- kept visual tokens per {settings['segment_s']:g} s segment at the end: "
+              f"`{analysis['footprint']['tokens_per_segment']}`"]
     for name in ("append_latency", "append_server_ms"):
         lines += [f"- {name}: `{json.dumps(analysis.get(name))}`"]
     lines += [f"- questions about the start: prompt tokens {analysis['questions']['prompt_tokens']}, TTFT ms "
@@ -405,6 +413,10 @@ def stream_long_section(path: Path, report: dict) -> list[str]:
     if "error" in report["raw"]:
         lines += [f"- run error: {report['raw']['error'][:300]}", ""]
     return lines
+
+
+def _pct(value: Any) -> str:
+    return f"{value:.1%}" if isinstance(value, (int, float)) else "-"
 
 
 def _mean_of(values: Optional[list]) -> Optional[float]:

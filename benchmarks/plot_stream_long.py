@@ -50,17 +50,22 @@ def plot_stream_long(report: dict[str, Any], path: Path) -> Path:
     lengths.set_ylabel("tokens / positions")
     lengths.legend(fontsize=7, loc="upper left")
     factor = bounded.get("unrebased_positions_over_context")
-    lengths.set_title("Memory length and positions stay flat while the stream grows"
+    lengths.set_title("Memory length flat, positions bounded while the stream grows"
                       + (f" (un-rebased positions reach {factor:.1f}x the context)" if factor else ""))
 
     footprint = analysis["footprint"]
     per_segment = footprint["tokens_per_segment"]
     segment_min = settings["segment_s"] / 60
     planted_segment = int(settings["planted_at_s"] // settings["segment_s"])
-    colors = ["#d62728" if k == planted_segment else "#1f77b4" for k in range(len(per_segment))]
+    scene = analysis["planted_scene"]
+    colors = ["#ff9896" if k == planted_segment else "#1f77b4" for k in range(len(per_segment))]
     bars.bar([k * segment_min for k in range(len(per_segment))], per_segment, width=segment_min * 0.85, align="edge",
              color=colors)
-    scene = analysis["planted_scene"]
+    if 0 <= planted_segment < len(per_segment):
+        bars.annotate(f"segment of the planted scene: {per_segment[planted_segment]} tokens, "
+                      f"{scene['kept_at_end_total']} of them from its own chunks",
+                      (planted_segment * segment_min, per_segment[planted_segment]), xytext=(10, 20),
+                      textcoords="offset points", fontsize=8, arrowprops={"arrowstyle": "->", "color": "#d62728"})
     bars.axvspan(settings["planted_at_s"] / 60, (settings["planted_at_s"] + settings["planted_s"]) / 60,
                  color="#d62728", alpha=0.25,
                  label=f"planted scene: {scene['kept_at_end_total']} tokens in {len(scene['chunks'])} chunks "

@@ -88,7 +88,14 @@ def test_analyze_checks_every_acceptance_item():
     assert bounded["max_next_position"] == 67 and bounded["met"]
     assert bounded["logical_over_context"] == pytest.approx((51 + 299 * 28) / 256)
     assert bounded["next_position_ceiling"] == 35 + 64 * 4  # 12 positions a chunk: 2 videos of 1 + 4 + 1
+    assert analysis["positions_plateau"]["met"] and analysis["positions_plateau"]["measured"][
+        "memory_tokens_growth_second_half"] == 0
     assert analysis["acceptance"]["all_met"] and analysis["speed_vs_real_time"] == pytest.approx(20.0)
+    creeping = synthetic_raw(settings)
+    for ingest in creeping["ingests"]:
+        ingest["next_position"] += int(ingest["chunk_time_s"] // 30)  # +2 positions a minute, never settling
+    crept = stream_long.analyze(creeping, settings)
+    assert crept["positions_bounded"]["met"] and not crept["positions_plateau"]["met"]
 
     hole = stream_long.analyze(synthetic_raw(settings, empty_segment=True), settings)
     assert hole["footprint"]["measured"]["empty_segments"] == [1] and not hole["acceptance"]["all_met"]
