@@ -154,7 +154,11 @@ def soak_headline(report: dict) -> str:
     runs = {name: run.get("summary", {}) for name, run in report["backends"].items()}
     flash, vanilla = runs.get("flashcache", {}), runs.get("vanilla", {})
     checks = report.get("acceptance", {})
-    parts = [f"{settings['streams']} streams x {settings['duration_s'] / 60:g} min at {settings['pace']:g}x real time"]
+    parts = [f"{settings['streams']} streams x {settings['duration_s'] / 60:g} min at {settings['pace']:g}x real time, "
+             f"pool {settings['max_total_tokens']} tokens"]
+    failed = failed_streams_note(report)
+    if failed:
+        parts.append(failed)
     if flash.get("final_kv_slots_per_stream") and vanilla.get("final_kv_slots_per_stream"):
         parts.append(f"KV slots a stream holds at the end: FlashCache {flash['final_kv_slots_per_stream']:.0f} vs "
                      f"resend baseline {vanilla['final_kv_slots_per_stream']:.0f}")
@@ -181,6 +185,20 @@ def soak_headline(report: dict) -> str:
     parts.append(f"all acceptance checks met: {checks.get('all_met')}; errors {report.get('errors')}, "
                  f"failed checks {len(report.get('failed_checks', []))}")
     return "; ".join(parts)
+
+
+def failed_streams_note(report: dict) -> str:
+    """Which backend's streams failed during the run, and the first error (empty when none did):
+    after a stream fails, its later numbers describe a memory nothing appends to."""
+    notes = []
+    for name, run in report["backends"].items():
+        summary = run.get("summary") or {}
+        failed = summary.get("failed_streams") or []
+        if failed:
+            first = next((i.get("error") for i in run.get("ingests", []) if i.get("error")), None)
+            notes.append(f"{SOAK_LABELS.get(name, name)}: {len(failed)} of {report['settings']['streams']} streams "
+                         f"FAILED" + (f" ({first[:160]})" if first else ""))
+    return "; ".join(notes)
 
 
 def old_soak_headline(report: dict) -> str:
@@ -238,6 +256,11 @@ def soak_section(path: Path, report: dict) -> list[str]:
         lines += [f"> The 1-minute load average during these runs was {', '.join(_cell(v) for v in loads)} "
                   f"(>= {LOAD_LIMIT}) on a shared {machine.get('cores')}-core machine: other work competed for the "
                   "CPU, so timings carry that noise; bytes, token and slot counts do not.", ""]
+    failed = failed_streams_note(report)
+    if failed:
+        lines += [f"> Streams failed during this run: {failed}. A failed stream ingests nothing more, so the "
+                  "late-vs-early ratios of that backend compare a memory nothing appends to any more: they are not "
+                  "a measurement of the design.", ""]
     lines += ["Acceptance (issue 13): FlashCache is checked; the resend baseline's value of the same measure is "
               "beside it. Early = the window around minute 1, late = the window around minute 30 (clipped to the "
               "run's last full window).", ""]
