@@ -10,8 +10,12 @@ Each JSON is recognised by its content and whatever is missing is skipped (and s
   (benchmarks/plot_kernels.py, which names it after the first file of that device);
 - fidelity (``python -m benchmarks.fidelity``): perplexity ratio / attention error per policy and
   retention, figure ``<same name>.png``;
-- soak (``python -m benchmarks.soak``): streams over time, vanilla SGLang vs FlashCache, figure
-  ``<same name>.png`` (benchmarks/plot_soak.py);
+- soak (``python -m benchmarks.soak``): streams over time, FlashCache's server-held memory beside
+  the resend baseline on vanilla SGLang, with issue 13's acceptance table; soaks recorded before
+  the server held stream memories (no ``"design"`` in the JSON) are rendered as the old resend
+  design; figure ``<same name>.png`` (benchmarks/plot_soak.py);
+- long stream (``python -m benchmarks.stream_long``): one stream for an hour of video, footprint,
+  planted scene, bounded positions; figure ``<same name>.png`` (benchmarks/plot_stream_long.py);
 - video overhead (``python -m benchmarks.video_overhead``): what a request pays per cached video.
 """
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +38,7 @@ if str(HERE.parent) not in sys.path:  # run as a script: make `benchmarks` impor
 def kind_of(data: Any) -> Optional[str]:
     if not isinstance(data, dict):
         return None
-    if data.get("benchmark") in ("serving", "soak", "video_overhead"):
+    if data.get("benchmark") in ("serving", "soak", "video_overhead", "stream_long"):
         return data["benchmark"]
     rows = data.get("results")
     if isinstance(rows, list) and isinstance(data.get("device"), dict) and rows and "num_tokens" in rows[0]:
@@ -110,6 +115,16 @@ SOAK_KEYS = ("questions", "median_ttft_ms", "p99_ttft_ms", "median_e2e_latency_m
              "p99_ingest_latency_ms", "mean_ingest_fps_per_stream", "source_fps_per_stream", "frames_dropped_share",
              "final_kv_slots_per_stream", "final_logical_tokens_per_stream", "peak_pool_tokens_cached",
              "evicted_tokens_total", "question_cached_token_share", "errors")
+# The server-memory soak adds the server's own timings and the bytes on the wire.
+SERVER_MEMORY_SOAK_KEYS = ("questions", "median_ttft_ms", "p99_ttft_ms", "median_question_server_e2e_ms",
+                           "median_question_request_bytes", "median_question_prompt_tokens", "ingests",
+                           "median_ingest_latency_ms", "p99_ingest_latency_ms", "max_ingest_latency_ms",
+                           "median_ingest_server_e2e_ms", "median_append_ms", "median_ingest_request_bytes",
+                           "mean_ingest_fps_per_stream", "source_fps_per_stream", "frames_dropped_share",
+                           "final_kv_slots_per_stream", "final_logical_tokens_per_stream",
+                           "final_next_position_per_stream", "peak_pool_tokens_cached", "evicted_tokens_total",
+                           "question_cached_token_share", "errors")
+SOAK_LABELS = {"flashcache": "FlashCache (server-held memory)", "vanilla": "resend baseline (vanilla SGLang)"}
 
 
 def _where(machine: dict) -> str:
@@ -118,8 +133,76 @@ def _where(machine: dict) -> str:
     return f"{machine.get('cpu_model')} ({machine.get('cores')} cores, {machine.get('device')})"
 
 
+def _is_server_memory_soak(report: dict) -> bool:
+    return report.get("design") == "server-memory"
+
+
+def _measured(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_cell(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return str(value[:8]) + ("..." if len(value) > 8 else "")
+    return _cell(value)
+
+
 def soak_headline(report: dict) -> str:
-    """One sentence: memory per stream, flatness and TTFT drift, all from the JSON."""
+    """One sentence from the JSON: for a server-memory soak, the acceptance checks that matter
+    most beside the baseline; for an old one, memory per stream, flatness and TTFT drift."""
+    if not _is_server_memory_soak(report):
+        return old_soak_headline(report)
+    settings = report["settings"]
+    runs = {name: run.get("summary", {}) for name, run in report["backends"].items()}
+    flash, vanilla = runs.get("flashcache", {}), runs.get("vanilla", {})
+    checks = report.get("acceptance", {})
+    parts = [f"{settings['streams']} streams x {settings['duration_s'] / 60:g} min at {settings['pace']:g}x real time, "
+             f"pool {settings['max_total_tokens']} tokens"]
+    failed = failed_streams_note(report)
+    if failed:
+        parts.append(failed)
+    if flash.get("final_kv_slots_per_stream") and vanilla.get("final_kv_slots_per_stream"):
+        parts.append(f"KV slots a stream holds at the end: FlashCache {flash['final_kv_slots_per_stream']:.0f} vs "
+                     f"resend baseline {vanilla['final_kv_slots_per_stream']:.0f}")
+    base = (vanilla.get("acceptance") or {})
+    for name, text in (("question_ttft", "question TTFT late/early"),
+                       ("question_server_time", "question server time late/early"),
+                       ("question_request_bytes", "question bytes late/early"),
+                       ("ingest_latency", "ingest latency late/early"),
+                       ("ingest_max_over_median", "max/median ingest latency"),
+                       ("memory_flat", "memory spread after the cap")):
+        check = checks.get(name)
+        if not check or check.get("measured") is None:
+            continue
+        baseline = (base.get(name) or {}).get("measured")
+        parts.append(f"{text} x{check['measured']:.2f} ({check['target']}: {'met' if check['met'] else 'NOT met'}"
+                     + (f"; baseline x{baseline:.2f})" if isinstance(baseline, (int, float)) else ")"))
+    if flash.get("median_question_request_bytes") and vanilla.get("median_question_request_bytes"):
+        parts.append(f"median question request {flash['median_question_request_bytes']:.0f} B vs baseline "
+                     f"{vanilla['median_question_request_bytes']:.0f} B")
+    load = flash.get("load_average_1min") or {}
+    if load:
+        parts.append(f"machine load average during the FlashCache run {load['mean']:.1f} (max {load['max']:.1f}) on "
+                     f"{report['machine'].get('cores')} cores")
+    parts.append(f"all acceptance checks met: {checks.get('all_met')}; errors {report.get('errors')}, "
+                 f"failed checks {len(report.get('failed_checks', []))}")
+    return "; ".join(parts)
+
+
+def failed_streams_note(report: dict) -> str:
+    """Which backend's streams failed during the run, and the first error (empty when none did):
+    after a stream fails, its later numbers describe a memory nothing appends to."""
+    notes = []
+    for name, run in report["backends"].items():
+        summary = run.get("summary") or {}
+        failed = summary.get("failed_streams") or []
+        if failed:
+            first = next((i.get("error") for i in run.get("ingests", []) if i.get("error")), None)
+            notes.append(f"{SOAK_LABELS.get(name, name)}: {len(failed)} of {report['settings']['streams']} streams "
+                         f"FAILED" + (f" ({first[:160]})" if first else ""))
+    return "; ".join(notes)
+
+
+def old_soak_headline(report: dict) -> str:
+    """One sentence of a soak recorded before issue 13 (both backends resent the prompt window)."""
     settings, targets = report["settings"], report.get("targets", {})
     runs = {name: run.get("summary", {}) for name, run in report["backends"].items()}
     flash, vanilla = runs.get("flashcache", {}), runs.get("vanilla", {})
@@ -145,12 +228,112 @@ def soak_headline(report: dict) -> str:
 
 
 def soak_section(path: Path, report: dict) -> list[str]:
+    if not _is_server_memory_soak(report):
+        return old_soak_section(path, report)
     from benchmarks.plot_soak import plot_soak
 
     figure = plot_soak(report, path.with_suffix(".png"))
     machine, settings = report["machine"], report["settings"]
-    lines = [f"### Soak: live streams over time, vanilla SGLang vs FlashCache ({path.name}"
+    lines = [f"### Soak: FlashCache's server-held stream memory beside the resend baseline ({path.name}"
              f"{', QUICK' if report.get('quick') else ''})", "", f"![soak]({figure.name})", "",
+             f"- command: `{report.get('command')}`",
+             f"- machine: {_where(machine)}, torch {machine.get('torch')}, sglang {machine.get('sglang')}; load average "
+             f"{machine.get('load_average_start')} at start, {machine.get('load_average_end')} at end",
+             f"- model {settings['model']} ({settings['dtype']}), KV pool {settings['max_total_tokens']} tokens for "
+             f"both servers; {settings['streams']} streams (one video each) replayed at {settings['pace']:g}x real "
+             f"time, {settings['fps']:g} fps, {settings['chunk_frames']} frames a chunk; FlashCache cap "
+             f"{settings['kv_cap']} capped slots a stream, base retention {settings['base_retention']}, footprint "
+             f"{settings['footprint_s']:g} s; resend baseline horizon {settings['max_prompt_chunks']} chunks; a "
+             f"question every {settings['question_interval_s']:g} s per stream ({settings['turns']}-turn "
+             f"conversations); video transport {settings['video_transport']}; metadata store: "
+             f"{settings.get('metadata_store')}"]
+    for name, text in settings.get("backends", {}).items():
+        lines.append(f"- `{name}`: {text}")
+    lines += [f"- {soak_headline(report)}", ""]
+    runs = {name: run.get("summary", {}) for name, run in report["backends"].items()}
+    loads = [(runs[n].get("load_average_1min") or {}).get("mean") for n in runs]
+    if any(isinstance(v, (int, float)) and v >= LOAD_LIMIT for v in loads):
+        lines += [f"> The 1-minute load average during these runs was {', '.join(_cell(v) for v in loads)} "
+                  f"(>= {LOAD_LIMIT}) on a shared {machine.get('cores')}-core machine: other work competed for the "
+                  "CPU, so timings carry that noise; bytes, token and slot counts do not.", ""]
+    failed = failed_streams_note(report)
+    if failed:
+        lines += [f"> Streams failed during this run: {failed}. A failed stream ingests nothing more, so the "
+                  "late-vs-early ratios of that backend compare a memory nothing appends to any more: they are not "
+                  "a measurement of the design.", ""]
+    lines += ["Acceptance (issue 13): FlashCache is checked; the resend baseline's value of the same measure is "
+              "beside it. Early = the window around minute 1, late = the window around minute 30 (clipped to the "
+              "run's last full window).", ""]
+    base = runs.get("vanilla", {}).get("acceptance") or {}
+    rows = []
+    for name, check in report.get("acceptance", {}).items():
+        if name == "all_met":
+            continue
+        rows.append([name, _measured(check.get("measured")), check.get("target"),
+                     "met" if check.get("met") else "NOT met", _measured((base.get(name) or {}).get("measured"))])
+    lines += _table(["check", "FlashCache measured", "target", "", "resend baseline measured"], rows)
+    names = list(runs)
+    lines += _table(["metric", *(SOAK_LABELS.get(n, n) for n in names)],
+                    [[key, *(runs[n].get(key) for n in names)] for key in SERVER_MEMORY_SOAK_KEYS])
+    flash_spikes = runs.get("flashcache", {}).get("acceptance", {}).get("ingest_max_over_median", {})
+    if flash_spikes.get("slowest"):
+        lines += ["Slowest FlashCache ingests (client latency; the server's own spans beside it):", ""]
+        lines += _table(["t s", "chunk", "client ms", "server e2e ms", "queue ms", "tokenize ms", "prefill ms",
+                         "append_ms", "ingests in flight"],
+                        [[row.get("t"), row.get("chunk"), _ms(row.get("seconds")), _ms(row.get("server_e2e_s")),
+                          _ms(row.get("server_queue_s")), _ms(row.get("server_tokenize_s")),
+                          _ms(row.get("server_prefill_s")), row.get("append_ms"), row.get("in_flight")]
+                         for row in flash_spikes["slowest"]])
+        extra = {k: flash_spikes.get(k) for k in ("p99_over_median", "server_e2e_max_over_median",
+                                                  "append_ms_max_over_median", "max_over_median_after_first_minute",
+                                                  "over_target")}
+        lines += [f"Ingest spread (FlashCache): `{json.dumps(extra)}`", ""]
+    rows = []
+    for name in names:
+        for flat in runs[name].get("memory_flatness", []):
+            rows.append([name, flat["stream"], flat.get("settled_at_s"), flat.get("first_kv_slots"),
+                         flat.get("last_kv_slots"), flat.get("min_kv_slots"), flat.get("max_kv_slots"), flat.get("spread")])
+    lines += _table(["backend", "stream", "reached the cap at s", "first KV slots", "last KV slots",
+                     "min after cap", "max after cap", "spread"], rows)
+    for name in names:
+        if "error" in report["backends"][name]:
+            lines += [f"- {name}: {report['backends'][name]['error'][:300]}", ""]
+    errors = [[SOAK_LABELS.get(name, name), kind, count, first]
+              for name in names for kind, count, first in error_kinds(report["backends"][name])]
+    if errors:
+        lines += ["Errors recorded (first message of each kind):", ""]
+        lines += _table(["backend", "request", "count", "first message"], errors)
+    return lines
+
+
+def error_kinds(run: dict) -> list[tuple[str, int, str]]:
+    """(request kind, count, first message) of a soak backend's failed ingests and questions,
+    one row per distinct message start (paths and ids vary, the cause does not)."""
+    rows: dict[tuple[str, str], list] = {}
+    for kind, events in (("ingest", run.get("ingests", [])), ("question", run.get("questions", []))):
+        for event in events:
+            message = event.get("error")
+            if not message:
+                continue
+            key = (kind, re.sub(r"[/\w.-]*/[\w./-]+|st_[\w-]+|\d+", "_", message)[:80])
+            rows.setdefault(key, [0, message])[0] += 1
+    return [(kind, count, first[:240].replace("|", "/")) for (kind, _), (count, first) in rows.items()]
+
+
+def _ms(seconds: Any) -> Any:
+    return seconds * 1e3 if isinstance(seconds, (int, float)) else seconds
+
+
+def old_soak_section(path: Path, report: dict) -> list[str]:
+    from benchmarks.plot_soak import plot_soak
+
+    figure = plot_soak(report, path.with_suffix(".png"))
+    machine, settings = report["machine"], report["settings"]
+    lines = [f"### Soak, OLD resend design: vanilla SGLang vs FlashCache, both resending the prompt window "
+             f"({path.name}{', QUICK' if report.get('quick') else ''})", "",
+             "> Recorded before the server held stream memories (issue 13): both backends resent the stream's "
+             "prompt window with every ingest and question. Kept for comparison; the server-memory soak above "
+             "supersedes it.", "", f"![soak]({figure.name})", "",
              f"- command: `{report.get('command')}`",
              f"- machine: {_where(machine)}, torch {machine.get('torch')}, sglang {machine.get('sglang')}",
              f"- model {settings['model']} ({settings['dtype']}), KV pool {settings['max_total_tokens']} tokens for "
@@ -159,7 +342,7 @@ def soak_section(path: Path, report: dict) -> list[str]:
              f"{settings['max_prompt_chunks']} chunks; FlashCache cap {settings['kv_cap']} visual slots a stream, "
              f"base retention {settings['base_retention']}; a question every {settings['question_interval_s']:g} s "
              f"per stream; metadata store: {settings.get('metadata_store')}",
-             f"- {soak_headline(report)}", ""]
+             f"- {old_soak_headline(report)}", ""]
     if "video_per_stream" not in settings:
         lines += ["> In this run every stream replayed the same video (the tool has given each stream its own "
                   "since): vanilla SGLang, whose radix tree has no per-stream namespace, held one shared memory "
@@ -179,6 +362,89 @@ def soak_section(path: Path, report: dict) -> list[str]:
         if "error" in report["backends"][name]:
             lines += [f"- {name}: {report['backends'][name]['error'][:300]}", ""]
     return lines
+
+
+# ---------------------------------------------------------------------------------------- long stream
+def stream_long_headline(report: dict) -> str:
+    analysis, settings = report["analysis"], report["settings"]
+    planted = analysis["planted_scene"]
+    bounded = analysis["positions_bounded"]
+    footprint = analysis["footprint"]
+    flat = analysis["memory_flat"]
+    parts = [f"{analysis['stream_seconds'] / 60:.0f} min of video in one stream"
+             + (f", ingested at {analysis['speed_vs_real_time']:.1f}x real time" if analysis.get("speed_vs_real_time") else ""),
+             f"every {settings['segment_s']:g} s segment keeps a visual token: "
+             f"{'yes' if footprint['met'] else 'NO'} ({len(footprint['measured']['empty_segments'])} of "
+             f"{footprint['measured']['segments']} empty)",
+             f"planted scene keeps {planted['kept_at_end_total']} tokens in {len(planted['chunks'])} chunks "
+             f"({_cell(planted.get('kept_per_chunk'))}/chunk vs neighbours {_cell(planted.get('neighbour_kept_per_chunk'))})",
+             f"KV flat after the cap: spread {_cell(flat['measured'])} ({'met' if flat['met'] else 'NOT met'})",
+             f"next_position max {bounded['max_next_position']} (context {bounded['context_length']}, structural "
+             f"ceiling {bounded.get('next_position_ceiling')}) while positions without re-basing would reach "
+             f"{_cell(bounded['unrebased_positions_over_context'])}x the context and the stream appended "
+             f"{_cell(bounded['logical_over_context'])}x the context in tokens ({'met' if bounded['met'] else 'NOT met'})"]
+    plateau = analysis.get("positions_plateau")
+    if plateau:
+        grown = plateau["measured"]
+        parts.append(f"over the second half next_position grew {_pct(grown['next_position_growth_second_half'])} and "
+                     f"memory_tokens {_pct(grown['memory_tokens_growth_second_half'])} (target <= 5%: "
+                     f"{'met' if plateau['met'] else 'NOT met'})")
+    parts.append(f"all acceptance checks met: {report['acceptance'].get('all_met')}")
+    return "; ".join(parts)
+
+
+def stream_long_section(path: Path, report: dict) -> list[str]:
+    from benchmarks.plot_stream_long import plot_stream_long
+
+    figure = plot_stream_long(report, path.with_suffix(".png"))
+    machine, settings, analysis = report["machine"], report["settings"], report["analysis"]
+    load = analysis.get("load_average_1min") or {}
+    lines = [f"### Long stream: one hour of video in the server-held memory ({path.name}"
+             f"{', QUICK' if report.get('quick') else ''})", "", f"![long stream]({figure.name})", "",
+             f"- command: `{report.get('command')}`",
+             f"- machine: {_where(machine)}, torch {machine.get('torch')}, sglang {machine.get('sglang')}; load average "
+             f"over the run: mean {_cell(load.get('mean'))}, max {_cell(load.get('max'))}",
+             f"- model {settings['model']} ({settings['dtype']}), cap {settings['kv_cap']}, base retention "
+             f"{settings['base_retention']}, footprint {settings['footprint_s']:g} s, server context length "
+             f"{settings['context_length']}, {settings['fps']:g} fps, {settings['chunk_frames']} frames a chunk; "
+             f"planted scene: {settings['planted_scene']}",
+             f"- {stream_long_headline(report)}", ""]
+    rows = [[name, _measured(check.get("measured")), check.get("target"), "met" if check.get("met") else "NOT met"]
+            for name, check in report["acceptance"].items() if name != "all_met"]
+    lines += _table(["check", "measured", "target", ""], rows)
+    planted = analysis["planted_scene"]
+    lines += ["**The planted scene.** " + planted["explanation"], ""]
+    lines += _table(["", "planted chunks", "neighbour chunks (+-1 segment)", "all other chunks"],
+                    [["kept visual tokens per chunk at the end", planted.get("kept_per_chunk"),
+                      planted.get("neighbour_kept_per_chunk"), planted.get("all_chunks_kept_per_chunk")],
+                     ["visual tokens kept in its own append (per chunk)", _cell(_mean_of(planted.get("planted_kept_at_admission"))),
+                      planted.get("neighbour_kept_at_admission_mean"), None],
+                     ["retention asked at admission", _cell(_mean_of(planted.get("planted_retention_at_admission"))),
+                      planted.get("neighbour_retention_at_admission_mean"), None]])
+    bounded = analysis["positions_bounded"]
+    lines += [f"Positions: the probe measured {bounded['probe'].get('first_chunk_positions')} positions for the header "
+              f"and the first chunk and {bounded['probe'].get('per_chunk_positions')} per further chunk "
+              f"({bounded['probe'].get('per_chunk_tokens')} tokens); without re-basing the stream would end at "
+              f"position {bounded['unrebased_positions']}; with it, `next_position` peaked at "
+              f"{bounded['max_next_position']} (after the cap: `{json.dumps(bounded['next_position_after_cap'])}`).", ""]
+    lines += [f"- kept visual tokens per {settings['segment_s']:g} s segment at the end: "
+              f"`{analysis['footprint']['tokens_per_segment']}`"]
+    for name in ("append_latency", "append_server_ms"):
+        lines += [f"- {name}: `{json.dumps(analysis.get(name))}`"]
+    lines += [f"- questions about the start: prompt tokens {analysis['questions']['prompt_tokens']}, TTFT ms "
+              f"{analysis['questions']['ttft_ms']}", ""]
+    if "error" in report["raw"]:
+        lines += [f"- run error: {report['raw']['error'][:300]}", ""]
+    return lines
+
+
+def _pct(value: Any) -> str:
+    return f"{value:.1%}" if isinstance(value, (int, float)) else "-"
+
+
+def _mean_of(values: Optional[list]) -> Optional[float]:
+    present = [v for v in values or [] if isinstance(v, (int, float))]
+    return sum(present) / len(present) if present else None
 
 
 def video_overhead_line(report: dict) -> str:
@@ -264,8 +530,8 @@ def _shown(path: Path) -> str:
 
 def build_report(results: Path) -> tuple[str, dict[str, list[str]]]:
     """REPORT.md's text and, per kind, the JSON files used."""
-    found: dict[str, list[tuple[Path, dict]]] = {"serving": [], "soak": [], "video_overhead": [], "kernels": [],
-                                                 "fidelity": []}
+    found: dict[str, list[tuple[Path, dict]]] = {"serving": [], "soak": [], "stream_long": [], "video_overhead": [],
+                                                 "kernels": [], "fidelity": []}
     ignored = []
     for path in sorted(results.glob("*.json")):
         try:
@@ -284,8 +550,11 @@ def build_report(results: Path) -> tuple[str, dict[str, list[str]]]:
     sections: list[tuple[str, str, Callable[[], list[str]]]] = []
     for path, data in found["serving"]:
         sections.append(("serving", path.name, lambda p=path, d=data: serving_section(p, d)))
-    for path, data in found["soak"]:
+    # Server-memory soaks first, the old resend design after them.
+    for path, data in sorted(found["soak"], key=lambda item: not _is_server_memory_soak(item[1])):
         sections.append(("soak", path.name, lambda p=path, d=data: soak_section(p, d)))
+    for path, data in found["stream_long"]:
+        sections.append(("stream_long", path.name, lambda p=path, d=data: stream_long_section(p, d)))
     for path, data in found["video_overhead"]:
         sections.append(("video_overhead", path.name, lambda p=path, d=data: video_overhead_section(p, d)))
     by_device: dict[str, list[tuple[Path, dict]]] = {}
@@ -301,6 +570,7 @@ def build_report(results: Path) -> tuple[str, dict[str, list[str]]]:
         except Exception as error:  # noqa: BLE001 - one malformed file must not hide the others
             lines += [f"### {kind}: {name}", "", f"_skipped: {type(error).__name__}: {error}_", ""]
     hints = {"serving": "python -m benchmarks.serving", "soak": "python -m benchmarks.soak",
+             "stream_long": "python -m benchmarks.stream_long",
              "video_overhead": "python -m benchmarks.video_overhead", "kernels": "bash benchmarks/run_gpu_suite.sh (GPU)",
              "fidelity": "python -m benchmarks.fidelity ..."}
     missing = [f"- {kind}: none found (run `{hints[kind]}`)" for kind in found if not found[kind]]
@@ -323,8 +593,9 @@ def readme_block(results: Path) -> list[str]:
             loaded.append((path, json.loads(path.read_text())))
         except (OSError, ValueError):
             continue
-    # Headlines first (sessions held), then the rest by file name.
-    loaded.sort(key=lambda item: (not (isinstance(item[1], dict) and item[1].get("headline")), item[0].name))
+    # Headlines first (sessions held), then the rest by file name (old-design soaks after the new ones).
+    loaded.sort(key=lambda item: (not (isinstance(item[1], dict) and item[1].get("headline")),
+                                  kind_of(item[1]) == "soak" and not _is_server_memory_soak(item[1]), item[0].name))
     for path, data in loaded:
         kind = kind_of(data)
         figure = path.with_suffix(".png")
@@ -346,12 +617,20 @@ def readme_block(results: Path) -> list[str]:
                 if shown and name != "sessions-held":
                     lines.append(f"- {name} ({where}), FlashCache / vanilla: "
                                  + ", ".join(f"{k} x{v:.2f}" for k, v in shown.items()) + f" (`{path.name}`)")
+        elif kind == "soak" and _is_server_memory_soak(data):
+            lines.append(f"- **Soak, server-held stream memory vs resend baseline** ({_where(data.get('machine', {}))}, "
+                         f"{data['settings']['model']}{', quick' if data.get('quick') else ''}): {soak_headline(data)} "
+                         f"(`{path.name}`)")
         elif kind == "soak":
             shared = "" if "video_per_stream" in data["settings"] else (
                 "; every stream replayed the same video, so vanilla's streams shared one cached memory: its pool "
                 "numbers understate distinct streams (see REPORT.md)")
-            lines.append(f"- **Soak** ({_where(data.get('machine', {}))}, {data['settings']['model']}"
-                         f"{', quick' if data.get('quick') else ''}): {soak_headline(data)}{shared} (`{path.name}`)")
+            lines.append(f"- Soak, OLD resend design (both backends resent the prompt window; before issue 13) "
+                         f"({_where(data.get('machine', {}))}, {data['settings']['model']}"
+                         f"{', quick' if data.get('quick') else ''}): {old_soak_headline(data)}{shared} (`{path.name}`)")
+        elif kind == "stream_long":
+            lines.append(f"- **Long stream** ({_where(data.get('machine', {}))}, {data['settings']['model']}"
+                         f"{', quick' if data.get('quick') else ''}): {stream_long_headline(data)} (`{path.name}`)")
         elif kind == "video_overhead":
             lines.append(f"- Video overhead ({_where(data.get('machine', {}))}, {data['settings']['model']}): "
                          f"{video_overhead_line(data)} (`{path.name}`)")
