@@ -139,7 +139,8 @@ def test_report_renders_every_kind_it_finds_and_names_what_is_missing(tmp_path):
     kernels = {"device": {"device_name": "Fake GPU"}, "shape": {"num_layers": 2, "num_kv_heads": 1, "head_dim": 4,
                                                                  "dtype": "torch.float16"},
                "target_ms": {"1024": 1.0},
-               "results": [{"num_tokens": n, "triton": {"median_ms": n / 1000}, "floor": {"median_ms": n / 4000}}
+               "results": [{"num_tokens": n, "engine": {"median_ms": n / 1000}, "stream": {"median_ms": n / 800},
+                            "floor": {"median_ms": n / 4000}}
                            for n in (1024, 4096)]}
     (tmp_path / "kernels_fake.json").write_text(json.dumps(kernels))
     (tmp_path / "notes.json").write_text(json.dumps({"something": "else"}))
@@ -147,10 +148,10 @@ def test_report_renders_every_kind_it_finds_and_names_what_is_missing(tmp_path):
 
     text, used = make_report.build_report(tmp_path)
     assert used == {"serving": ["serving_cpu.json"], "soak": [], "video_overhead": [], "kernels": ["kernels_fake.json"],
-                    "fidelity": []}
+                    "fidelity": [], "stream_long": []}
     assert "vanilla 6, FlashCache 26 (**x4.33**)" in text
     assert "| sessions_held | 6 | 26 | 4.333 |" in text
-    assert "Fake GPU" in text and "| 1024 | 1.024 |" in text
+    assert "Fake GPU" in text and "| 1024 | 1.024 | 1.28 |" in text
     assert "fidelity: none found" in text
     assert "ignored notes.json" in text and "broken.json (unreadable" in text
     assert (tmp_path / "serving_cpu.png").stat().st_size > 0
