@@ -264,9 +264,9 @@ class CompressedRadixCache(RadixCache):
         candidate of both (visual tokens and their delimiters; the header and the sink never are)
         keeps ``min(cap, kept before + retention * new candidates)``, at least the best visual
         token of every time segment (footprint floor). The kept tokens are re-based to
-        contiguous positions; tokens from the current version get fresh slots (copy-on-write:
-        running questions still read the old ones), the chunk's own kept slots are re-rotated in
-        place, its dropped slots are freed, and the kept sequence is inserted as the next
+        contiguous positions; tokens from the current version move with their slots when no
+        other request reads it, else get fresh slots (copy-on-write: running questions still
+        read the old ones); the chunk's own kept slots are re-rotated in place, its dropped slots are freed, and the kept sequence is inserted as the next
         version's path.
         """
         rid = upstream.request_id(req)
