@@ -21,19 +21,16 @@ drives it exactly as it drives SGLangMemoryBackend.
 
 from __future__ import annotations
 
-import base64
-import json
-import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import requests
 
 from flashcache_sglang.streaming.budget import BudgetSettings
 from flashcache_sglang.streaming.memory import MemoryBackendError, UnknownMemoryError
-from flashcache_sglang.streaming.sglang_backend import FRAME_FACTOR, PromptTemplate, chunk_videos, encode_mp4
+from flashcache_sglang.streaming.sglang_backend import FRAME_FACTOR, PromptTemplate, VideoChunkClient, artifact_videos
 from flashcache_sglang.streaming.types import Answer, Chunk, ChunkReceipt, ChunkRecord, MemoryUsage, Turn
 
 __all__ = ["ResendBaselineBackend"]
@@ -61,7 +58,7 @@ class _ResendStream:
     state_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class ResendBaselineBackend:
+class ResendBaselineBackend(VideoChunkClient):
     """Client-held stream memories resent to vanilla SGLang with every request.
 
     Args:
@@ -84,22 +81,14 @@ class ResendBaselineBackend:
                  template: PromptTemplate = PromptTemplate(), video_transport: str = "path",
                  max_prompt_chunks: int = 32, max_answer_tokens: int = 64, timeout_s: float = 120.0,
                  session: Optional[requests.Session] = None):
-        if video_transport not in ("path", "data_url"):
-            raise ValueError(f"video_transport={video_transport!r}; valid: ['path', 'data_url']")
-        if not isinstance(frames_per_video, int) or frames_per_video < FRAME_FACTOR or frames_per_video % FRAME_FACTOR:
-            raise ValueError(f"frames_per_video={frames_per_video!r} must be an even int >= {FRAME_FACTOR}")
+        if frames_per_video is None:
+            raise ValueError("frames_per_video=None: the baseline needs whole videos of an even frame count")
+        super().__init__(base_url, chunk_dir, fps, frames_per_video, video_transport, timeout_s, session)
         if not isinstance(max_prompt_chunks, int) or max_prompt_chunks < 2:
             raise ValueError(f"max_prompt_chunks={max_prompt_chunks!r} must be an int >= 2")
-        self.base_url = base_url.rstrip("/")
-        self.chunk_dir = chunk_dir
-        self.fps = fps
-        self.frames_per_video = frames_per_video
         self.template = template
-        self.video_transport = video_transport
         self.max_prompt_chunks = max_prompt_chunks
         self.max_answer_tokens = max_answer_tokens
-        self.timeout_s = timeout_s
-        self._http = session or requests.Session()
         self._streams: dict[str, _ResendStream] = {}
         self._lock = threading.Lock()
 
@@ -111,7 +100,7 @@ class ResendBaselineBackend:
             state.logical_tokens += record.logical_tokens
             state.last_chunk_logical = record.logical_tokens
             state.chunks_seen += 1
-            paths = _artifact_videos(record.artifact)
+            paths = artifact_videos(record.artifact)
             if paths:
                 state.prompt_chunks.append(_PromptChunk(record.index, paths))
         self._trim_prompt(state)
@@ -160,10 +149,10 @@ class ResendBaselineBackend:
         if not videos:
             return Answer("The stream has no video in memory yet.", 0.0, 0, 0, self.name)
         prompt = self._memory_prompt(len(videos)) + self.template.question_suffix(history, question)
-        body = {"text": prompt, "video_data": self._video_payload(videos), "stream": True,
-                "sampling_params": {"max_new_tokens": self.max_answer_tokens, "temperature": 0.0}}
+        body = {"text": prompt, "video_data": self._video_payload(videos)}
         started = time.perf_counter()
-        text, meta, ttft = self._generate_streaming(body, started)
+        text, meta, ttft = self._generate_streaming(
+            body, {"max_new_tokens": self.max_answer_tokens, "temperature": 0.0}, started)
         extra = {"prompt_tokens": int(meta.get("prompt_tokens", 0)), "e2e_s": time.perf_counter() - started}
         return Answer(text=text.strip(), ttft_s=ttft, cached_tokens=int(meta.get("cached_tokens", 0)),
                       memory_chunks=chunks_seen, backend=self.name, extra=extra)
@@ -224,64 +213,4 @@ class ResendBaselineBackend:
         state.rebases += 1
         state.prefix_tokens = 0  # unknown until the server counts the rebased window
 
-    def _write_chunk(self, stream_id: str, chunk: Chunk) -> tuple[str, tuple[str, ...]]:
-        folder = os.path.join(self.chunk_dir, stream_id, f"chunk_{chunk.index:08d}")
-        os.makedirs(folder, exist_ok=True)
-        paths = []
-        for part, frames in enumerate(chunk_videos(chunk, self.frames_per_video)):
-            path = os.path.join(folder, f"part_{part:03d}.mp4")
-            with open(path + ".tmp", "wb") as handle:
-                handle.write(encode_mp4(frames, self.fps))
-            os.replace(path + ".tmp", path)
-            paths.append(path)
-        return folder, tuple(paths)
 
-    def _video_payload(self, paths: Sequence[str]) -> list[str]:
-        if self.video_transport == "path":
-            return [os.path.abspath(p) for p in paths]
-        payload = []
-        for path in paths:
-            with open(path, "rb") as handle:
-                payload.append("data:video/mp4;base64," + base64.b64encode(handle.read()).decode())
-        return payload
-
-    def _generate(self, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            response = self._http.post(f"{self.base_url}/generate", json=body, timeout=self.timeout_s)
-        except requests.RequestException as error:
-            raise MemoryBackendError(f"SGLang server at {self.base_url} unreachable: {error}") from None
-        if response.status_code != 200:
-            raise MemoryBackendError(f"SGLang /generate returned {response.status_code}: {response.text[:300]}")
-        return response.json()
-
-    def _generate_streaming(self, body: dict[str, Any], started: float) -> tuple[str, dict[str, Any], float]:
-        ttft, text, meta = None, "", {}
-        try:
-            with self._http.post(f"{self.base_url}/generate", json=body, timeout=self.timeout_s, stream=True) as response:
-                if response.status_code != 200:
-                    raise MemoryBackendError(f"SGLang /generate returned {response.status_code}: {response.text[:300]}")
-                for line in response.iter_lines(decode_unicode=True):
-                    if not line or not line.startswith("data:"):
-                        continue
-                    data = line[len("data:"):].strip()
-                    if data == "[DONE]":
-                        break
-                    event = json.loads(data)
-                    if "error" in event:
-                        raise MemoryBackendError(f"SGLang refused the request: {str(event['error'])[:300]}")
-                    if ttft is None:
-                        ttft = time.perf_counter() - started
-                    text = event.get("text", text)  # SGLang streams the cumulative text
-                    meta = event.get("meta_info", meta)
-        except requests.RequestException as error:
-            raise MemoryBackendError(f"SGLang server at {self.base_url} broke the answer: {error}") from None
-        return text, meta, ttft if ttft is not None else time.perf_counter() - started
-
-
-def _artifact_videos(artifact: str) -> tuple[str, ...]:
-    if artifact and os.path.isdir(artifact):
-        return tuple(sorted(os.path.join(artifact, name) for name in os.listdir(artifact)
-                            if name.startswith("part_") and name.endswith(".mp4")))
-    if artifact and os.path.isfile(artifact):
-        return (artifact,)
-    return ()

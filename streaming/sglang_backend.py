@@ -48,7 +48,8 @@ from .budget import BudgetSettings, RetentionSchedule
 from .memory import MemoryBackendError, UnknownMemoryError
 from .types import Answer, Chunk, ChunkReceipt, ChunkRecord, Frame, MemoryUsage, Turn
 
-__all__ = ["PromptTemplate", "SGLangMemoryBackend", "chunk_videos", "encode_mp4", "STREAM_SESSION_PREFIX"]
+__all__ = ["PromptTemplate", "SGLangMemoryBackend", "VideoChunkClient", "artifact_videos", "chunk_videos", "encode_mp4",
+           "STREAM_SESSION_PREFIX"]
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +148,93 @@ class _SGLangStream:
     state_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class SGLangMemoryBackend:
+class VideoChunkClient:
+    """What every backend that sends chunk videos to an SGLang server shares: the chunk files on
+    disk (one folder per chunk, one mp4 per video), their transport, and ``/generate`` calls
+    (plain and streamed) whose refusals become :class:`MemoryBackendError` (404:
+    :class:`MemoryLost`, in the HTTP status or inside a streamed answer)."""
+
+    def __init__(self, base_url: str, chunk_dir: str, fps: float, frames_per_video: Optional[int],
+                 video_transport: str, timeout_s: float, session: Optional[requests.Session]):
+        if video_transport not in ("path", "data_url"):
+            raise ValueError(f"video_transport={video_transport!r}; valid: ['path', 'data_url']")
+        if frames_per_video is not None and (
+            not isinstance(frames_per_video, int) or frames_per_video < FRAME_FACTOR or frames_per_video % FRAME_FACTOR
+        ):
+            raise ValueError(f"frames_per_video={frames_per_video!r} must be None or an even int >= {FRAME_FACTOR}")
+        self.base_url = base_url.rstrip("/")
+        self.chunk_dir = chunk_dir
+        self.fps = fps
+        self.frames_per_video = frames_per_video
+        self.video_transport = video_transport
+        self.timeout_s = timeout_s
+        self._http = session or requests.Session()
+    def _write_chunk(self, stream_id: str, chunk: Chunk) -> tuple[str, tuple[str, ...]]:
+        """Write the chunk's videos into its own folder; returns the folder and the paths."""
+        folder = os.path.join(self.chunk_dir, stream_id, f"chunk_{chunk.index:08d}")
+        os.makedirs(folder, exist_ok=True)
+        paths = []
+        for part, frames in enumerate(chunk_videos(chunk, self.frames_per_video)):
+            path = os.path.join(folder, f"part_{part:03d}.mp4")
+            temporary = path + ".tmp"
+            with open(temporary, "wb") as handle:
+                handle.write(encode_mp4(frames, self.fps))
+            os.replace(temporary, path)
+            paths.append(path)
+        return folder, tuple(paths)
+
+    def _video_payload(self, paths: Sequence[str]) -> list[str]:
+        if self.video_transport == "path":
+            return [os.path.abspath(p) for p in paths]
+        payload = []
+        for path in paths:
+            with open(path, "rb") as handle:
+                payload.append("data:video/mp4;base64," + base64.b64encode(handle.read()).decode())
+        return payload
+
+    def _post(self, body: dict[str, Any], stream: bool):
+        try:
+            return self._http.post(f"{self.base_url}/generate", json=body, timeout=self.timeout_s, stream=stream)
+        except requests.RequestException as error:
+            raise MemoryBackendError(f"SGLang server at {self.base_url} unreachable: {error}") from None
+
+    @staticmethod
+    def _check(response) -> None:
+        if response.status_code == 404:
+            raise MemoryLost(f"SGLang holds no memory for this stream: {response.text[:300]}")
+        if response.status_code != 200:
+            raise MemoryBackendError(f"SGLang /generate returned {response.status_code}: {response.text[:300]}")
+
+    def _generate(self, body: dict[str, Any]) -> dict[str, Any]:
+        response = self._post(body, stream=False)
+        self._check(response)
+        return response.json()
+
+    def _generate_streaming(self, body: dict[str, Any], sampling_params: dict[str, Any],
+                            started: float) -> tuple[str, dict[str, Any], float]:
+        ttft = None
+        text, meta = "", {}
+        with self._post(dict(body, sampling_params=sampling_params, stream=True), stream=True) as response:
+            self._check(response)
+            try:
+                for line in response.iter_lines(decode_unicode=True):
+                    if not line or not line.startswith("data:"):
+                        continue
+                    data = line[len("data:") :].strip()
+                    if data == "[DONE]":
+                        break
+                    event = json.loads(data)
+                    _raise_if_aborted(event)
+                    if ttft is None:
+                        ttft = time.perf_counter() - started
+                    text = event.get("text", text)  # SGLang streams the cumulative text
+                    meta = event.get("meta_info", meta)
+            except requests.RequestException as error:
+                raise MemoryBackendError(f"SGLang server at {self.base_url} broke the answer: {error}") from None
+        return text, meta, ttft if ttft is not None else time.perf_counter() - started
+
+
+class SGLangMemoryBackend(VideoChunkClient):
     """Stream memories held by an SGLang server launched with flashcache.
 
     Args:
@@ -179,24 +266,12 @@ class SGLangMemoryBackend:
         timeout_s: float = 120.0,
         session: Optional[requests.Session] = None,
     ):
-        if video_transport not in ("path", "data_url"):
-            raise ValueError(f"video_transport={video_transport!r}; valid: ['path', 'data_url']")
-        if frames_per_video is not None and (
-            not isinstance(frames_per_video, int) or frames_per_video < FRAME_FACTOR or frames_per_video % FRAME_FACTOR
-        ):
-            raise ValueError(f"frames_per_video={frames_per_video!r} must be None or an even int >= {FRAME_FACTOR}")
+        super().__init__(base_url, chunk_dir, fps, frames_per_video, video_transport, timeout_s, session)
         if not isinstance(rebuild_chunks, int) or rebuild_chunks < 0:
             raise ValueError(f"rebuild_chunks={rebuild_chunks!r} must be an int >= 0")
-        self.base_url = base_url.rstrip("/")
-        self.chunk_dir = chunk_dir
-        self.fps = fps
-        self.frames_per_video = frames_per_video
         self.template = template
-        self.video_transport = video_transport
         self.rebuild_chunks = rebuild_chunks
         self.max_answer_tokens = max_answer_tokens
-        self.timeout_s = timeout_s
-        self._http = session or requests.Session()
         self._streams: dict[str, _SGLangStream] = {}
         self._lock = threading.Lock()
 
@@ -211,7 +286,7 @@ class SGLangMemoryBackend:
             state.logical_tokens += record.logical_tokens
             if state.sink is None:
                 state.sink = record.index
-            paths = _artifact_videos(record.artifact)
+            paths = artifact_videos(record.artifact)
             if paths:
                 state.chunks[record.index] = _ChunkFiles(record.index, record.start_s, paths, record.outlier_energy)
             elif record.index == state.sink:
@@ -418,71 +493,6 @@ class SGLangMemoryBackend:
         return MemoryUsage(state.logical_tokens, state.capped_kv_slots, state.settings.kv_cap_tokens,
                            state.chunks_seen, total_kv_slots=state.memory_tokens)
 
-    def _write_chunk(self, stream_id: str, chunk: Chunk) -> tuple[str, tuple[str, ...]]:
-        """Write the chunk's videos into its own folder; returns the folder and the paths."""
-        folder = os.path.join(self.chunk_dir, stream_id, f"chunk_{chunk.index:08d}")
-        os.makedirs(folder, exist_ok=True)
-        paths = []
-        for part, frames in enumerate(chunk_videos(chunk, self.frames_per_video)):
-            path = os.path.join(folder, f"part_{part:03d}.mp4")
-            temporary = path + ".tmp"
-            with open(temporary, "wb") as handle:
-                handle.write(encode_mp4(frames, self.fps))
-            os.replace(temporary, path)
-            paths.append(path)
-        return folder, tuple(paths)
-
-    def _video_payload(self, paths: Sequence[str]) -> list[str]:
-        if self.video_transport == "path":
-            return [os.path.abspath(p) for p in paths]
-        payload = []
-        for path in paths:
-            with open(path, "rb") as handle:
-                payload.append("data:video/mp4;base64," + base64.b64encode(handle.read()).decode())
-        return payload
-
-    def _post(self, body: dict[str, Any], stream: bool):
-        try:
-            return self._http.post(f"{self.base_url}/generate", json=body, timeout=self.timeout_s, stream=stream)
-        except requests.RequestException as error:
-            raise MemoryBackendError(f"SGLang server at {self.base_url} unreachable: {error}") from None
-
-    @staticmethod
-    def _check(response) -> None:
-        if response.status_code == 404:
-            raise MemoryLost(f"SGLang holds no memory for this stream: {response.text[:300]}")
-        if response.status_code != 200:
-            raise MemoryBackendError(f"SGLang /generate returned {response.status_code}: {response.text[:300]}")
-
-    def _generate(self, body: dict[str, Any]) -> dict[str, Any]:
-        response = self._post(body, stream=False)
-        self._check(response)
-        return response.json()
-
-    def _generate_streaming(self, body: dict[str, Any], sampling_params: dict[str, Any],
-                            started: float) -> tuple[str, dict[str, Any], float]:
-        ttft = None
-        text, meta = "", {}
-        with self._post(dict(body, sampling_params=sampling_params, stream=True), stream=True) as response:
-            self._check(response)
-            try:
-                for line in response.iter_lines(decode_unicode=True):
-                    if not line or not line.startswith("data:"):
-                        continue
-                    data = line[len("data:") :].strip()
-                    if data == "[DONE]":
-                        break
-                    event = json.loads(data)
-                    _raise_if_aborted(event)
-                    if ttft is None:
-                        ttft = time.perf_counter() - started
-                    text = event.get("text", text)  # SGLang streams the cumulative text
-                    meta = event.get("meta_info", meta)
-            except requests.RequestException as error:
-                raise MemoryBackendError(f"SGLang server at {self.base_url} broke the answer: {error}") from None
-        return text, meta, ttft if ttft is not None else time.perf_counter() - started
-
-
 def _raise_if_aborted(event: dict[str, Any]) -> None:
     """A streamed answer reports a refusal inside the stream (HTTP 200): raise it as the
     non-streamed answer's status would."""
@@ -515,7 +525,7 @@ def _flashcache_entry(meta: dict[str, Any]) -> Optional[dict[str, Any]]:
     return None
 
 
-def _artifact_videos(artifact: str) -> tuple[str, ...]:
+def artifact_videos(artifact: str) -> tuple[str, ...]:
     """The videos of a stored chunk: its folder's ``part_*.mp4`` (or a single video file)."""
     if artifact and os.path.isdir(artifact):
         return tuple(sorted(os.path.join(artifact, name) for name in os.listdir(artifact)
