@@ -58,7 +58,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -801,14 +801,14 @@ def run_backend(backend: str, args, model_dir: str, corpus: LicenseCorpus, sizes
     out: dict[str, Any] = {"workloads": {}}
     started = time.monotonic()
     print(f"[serving] {backend}: starting server (pool {args.max_total_tokens} tokens)", file=sys.stderr, flush=True)
-    _ACTIVE_SERVERS.append(server)
+    ACTIVE_SERVERS.append(server)
     try:
         server.start()
     except Exception as error:  # noqa: BLE001 - recorded, the other backend still runs
         out["error"] = f"server start failed: {error}"
         print(f"[serving] {backend}: {out['error']}", file=sys.stderr, flush=True)
         server.stop()
-        _ACTIVE_SERVERS.remove(server)
+        ACTIVE_SERVERS.remove(server)
         return out
     try:
         out["startup_s"] = time.monotonic() - started
@@ -844,7 +844,7 @@ def run_backend(backend: str, args, model_dir: str, corpus: LicenseCorpus, sizes
         if not server.alive():
             out["log_tail"] = server.log_tail(40)
         server.stop()
-        _ACTIVE_SERVERS.remove(server)
+        ACTIVE_SERVERS.remove(server)
     return out
 
 
@@ -930,14 +930,27 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-_ACTIVE_SERVERS: list = []  # the server run_backend is using, for the SIGTERM handler
+ACTIVE_SERVERS: list = []  # the servers the benchmarks are using, for the SIGTERM handler
 
 
-def _exit_on_sigterm(signum, frame) -> None:
+def settings_from_options(parser: argparse.ArgumentParser, args: argparse.Namespace, options, start,
+                          **overrides):
+    """A benchmark's settings dataclass: ``start`` (its defaults or quick settings) with every
+    option of ``options`` (``(flag, field, type, help)`` rows) the command line gave, and
+    ``overrides`` (None: not given); an invalid value is a usage error naming it."""
+    given = {name: getattr(args, name) for _, name, _, _ in options}
+    given.update(overrides)
+    try:
+        return type(start)(**{**asdict(start), **{k: v for k, v in given.items() if v is not None}})
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def exit_on_sigterm(signum, frame) -> None:
     # Stop the server first: in-flight requests then fail at once, so the worker threads that
     # SystemExit has to wait for (ThreadPoolExecutor shutdown) end quickly. Python's default
     # SIGTERM action would leave the server's process group running.
-    for server in list(_ACTIVE_SERVERS):
+    for server in list(ACTIVE_SERVERS):
         server.stop()
     raise SystemExit(128 + signum)
 
@@ -945,7 +958,7 @@ def _exit_on_sigterm(signum, frame) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        signal.signal(signal.SIGTERM, exit_on_sigterm)
     try:
         sizes = _sizes(args)
     except ValueError as error:

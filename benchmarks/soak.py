@@ -77,12 +77,15 @@ from typing import Any, Optional, Sequence
 import requests
 
 from benchmarks.serving import (
+    ACTIVE_SERVERS,
     BenchServer,
     distribution_ms,
+    exit_on_sigterm,
     finite,
     load_average,
     machine_info,
     prometheus_value,
+    settings_from_options,
     wait_for_load,
     write_report,
 )
@@ -706,7 +709,6 @@ def flashcache_settings(settings: SoakSettings) -> dict[str, Any]:
     return {"retention": settings.base_retention, "candidates": "multimodal", "min_candidates": 8}
 
 
-_ACTIVE_SERVERS: list = []
 
 
 def run_backend(backend: str, settings: SoakSettings, model: str, videos: Sequence[Path], workdir: Path,
@@ -718,7 +720,7 @@ def run_backend(backend: str, settings: SoakSettings, model: str, videos: Sequen
                           startup_timeout=startup_timeout, log_dir=workdir)
     out: dict[str, Any] = {"client": BACKEND_DESCRIPTIONS[backend], "server_log": str(server.log_path)}
     print(f"[soak] {backend}: starting the server (pool {settings.max_total_tokens} tokens)", file=sys.stderr, flush=True)
-    _ACTIVE_SERVERS.append(server)
+    ACTIVE_SERVERS.append(server)
     started = time.monotonic()
     try:
         try:
@@ -744,7 +746,7 @@ def run_backend(backend: str, settings: SoakSettings, model: str, videos: Sequen
         if not server.alive():
             out["log_tail"] = server.log_tail(40)
         server.stop()
-        _ACTIVE_SERVERS.remove(server)
+        ACTIVE_SERVERS.remove(server)
     return out
 
 
@@ -803,20 +805,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace
     parser.add_argument("--reanalyze", type=Path, metavar="JSON",
                         help="recompute the summaries, checks and plot of a saved run from its raw series")
     args = parser.parse_args(argv)
-    overrides = {name: getattr(args, name) for _, name, _, _ in OPTIONS}
-    overrides["duration_s"] = None if args.minutes is None else args.minutes * 60
     start = quick_settings() if args.quick else base
-    try:
-        settings = SoakSettings(**{**asdict(start), **{k: v for k, v in overrides.items() if v is not None}})
-    except ValueError as error:
-        parser.error(str(error))
-    return args, settings
+    duration_s = None if args.minutes is None else args.minutes * 60
+    return args, settings_from_options(parser, args, OPTIONS, start, duration_s=duration_s)
 
-
-def _exit_on_sigterm(signum, frame) -> None:
-    for server in list(_ACTIVE_SERVERS):
-        server.stop()
-    raise SystemExit(128 + signum)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -830,7 +822,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print_summary(report)
         return 0 if report["ok"] else 1
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        signal.signal(signal.SIGTERM, exit_on_sigterm)
     command = "python -m benchmarks.soak " + " ".join(sys.argv[1:] if argv is None else argv)
     waited = wait_for_load(args.wait_for_load, args.wait_timeout) if args.wait_for_load is not None else None
     if args.model_path:

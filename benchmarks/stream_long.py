@@ -57,7 +57,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from benchmarks.serving import BenchServer, finite, load_average, machine_info, write_report
+from benchmarks.serving import (ACTIVE_SERVERS, BenchServer, exit_on_sigterm, finite, load_average, machine_info,
+                                settings_from_options, write_report)
 from benchmarks.soak import TINY_MAX_PIXELS, TimedBackend, chunk_integrity, generate_video
 from benchmarks.stream_wire import RecordingSession, sum_timings
 
@@ -500,7 +501,6 @@ def probe_positions(server_url: str, video: Path, settings: LongStreamSettings, 
             "method": "probe stream, retention 1, no cap: 3 appends of the video's first chunks"}
 
 
-_ACTIVE_SERVERS: list = []
 
 
 def server_flags(settings: LongStreamSettings) -> list[str]:
@@ -526,7 +526,7 @@ def run(settings: LongStreamSettings, model: str, video: Path, workdir: Path, re
     server = SGLangServer(model, flashcache=flashcache_settings(settings), extra_args=server_flags(settings),
                           max_total_tokens=settings.max_total_tokens, startup_timeout=startup_timeout, log_dir=workdir)
     raw: dict[str, Any] = {"server_log": str(server.log_path), "context_length": settings.context_length}
-    _ACTIVE_SERVERS.append(server)
+    ACTIVE_SERVERS.append(server)
     try:
         started = time.monotonic()
         server.start()
@@ -586,7 +586,7 @@ def run(settings: LongStreamSettings, model: str, video: Path, workdir: Path, re
         if not server.alive():
             raw["log_tail"] = server.log_tail(40)
         server.stop()
-        _ACTIVE_SERVERS.remove(server)
+        ACTIVE_SERVERS.remove(server)
     return raw
 
 
@@ -644,19 +644,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--reanalyze", type=Path, metavar="JSON", help="recompute the analysis and plot of a saved run")
     args = parser.parse_args(argv)
-    overrides = {name: getattr(args, name) for _, name, _, _ in OPTIONS}
     start = quick_settings() if args.quick else base
-    try:
-        settings = LongStreamSettings(**{**asdict(start), **{k: v for k, v in overrides.items() if v is not None}})
-    except ValueError as error:
-        parser.error(str(error))
-    return args, settings
+    return args, settings_from_options(parser, args, OPTIONS, start)
 
-
-def _exit_on_sigterm(signum, frame) -> None:
-    for server in list(_ACTIVE_SERVERS):
-        server.stop()
-    raise SystemExit(128 + signum)
 
 
 def build_report(raw: dict[str, Any], settings: LongStreamSettings, command: str, model: str, quick: bool,
@@ -722,7 +712,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print_summary(report)
         return 0 if report["ok"] else 1
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        signal.signal(signal.SIGTERM, exit_on_sigterm)
     command = "python -m benchmarks.stream_long " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.model_path:
         model = args.model_path
