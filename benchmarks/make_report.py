@@ -288,21 +288,27 @@ def soak_section(path: Path, report: dict) -> list[str]:
                                                   "append_ms_max_over_median", "max_over_median_after_first_minute",
                                                   "over_target")}
         lines += [f"Ingest spread (FlashCache): `{json.dumps(extra)}`", ""]
-    rows = []
-    for name in names:
-        for flat in runs[name].get("memory_flatness", []):
-            rows.append([name, flat["stream"], flat.get("settled_at_s"), flat.get("first_kv_slots"),
-                         flat.get("last_kv_slots"), flat.get("min_kv_slots"), flat.get("max_kv_slots"), flat.get("spread")])
-    lines += _table(["backend", "stream", "reached the cap at s", "first KV slots", "last KV slots",
-                     "min after cap", "max after cap", "spread"], rows)
-    for name in names:
-        if "error" in report["backends"][name]:
-            lines += [f"- {name}: {report['backends'][name]['error'][:300]}", ""]
+    lines += flatness_and_failures(report, runs, names)
     errors = [[SOAK_LABELS.get(name, name), kind, count, first]
               for name in names for kind, count, first in error_kinds(report["backends"][name])]
     if errors:
         lines += ["Errors recorded (first message of each kind):", ""]
         lines += _table(["backend", "request", "count", "first message"], errors)
+    return lines
+
+
+def flatness_and_failures(report: dict, runs: dict, names: list[str]) -> list[str]:
+    """A soak's per-stream memory flatness table and each failed backend's error."""
+    rows = []
+    for name in names:
+        for flat in runs[name].get("memory_flatness", []):
+            rows.append([name, flat["stream"], flat.get("settled_at_s"), flat.get("first_kv_slots"),
+                         flat.get("last_kv_slots"), flat.get("min_kv_slots"), flat.get("max_kv_slots"), flat.get("spread")])
+    lines = _table(["backend", "stream", "reached the cap at s", "first KV slots", "last KV slots",
+                    "min after cap", "max after cap", "spread"], rows)
+    for name in names:
+        if "error" in report["backends"][name]:
+            lines += [f"- {name}: {report['backends'][name]['error'][:300]}", ""]
     return lines
 
 
@@ -351,16 +357,7 @@ def old_soak_section(path: Path, report: dict) -> list[str]:
     runs = {name: run.get("summary", {}) for name, run in report["backends"].items()}
     names = list(runs)
     lines += _table(["metric", *names], [[key, *(runs[n].get(key) for n in names)] for key in SOAK_KEYS])
-    rows = []
-    for name in names:
-        for flat in runs[name].get("memory_flatness", []):
-            rows.append([name, flat["stream"], flat.get("settled_at_s"), flat.get("first_kv_slots"),
-                         flat.get("last_kv_slots"), flat.get("min_kv_slots"), flat.get("max_kv_slots"), flat.get("spread")])
-    lines += _table(["backend", "stream", "reached the cap at s", "first KV slots", "last KV slots",
-                     "min after cap", "max after cap", "spread"], rows)
-    for name in names:
-        if "error" in report["backends"][name]:
-            lines += [f"- {name}: {report['backends'][name]['error'][:300]}", ""]
+    lines += flatness_and_failures(report, runs, names)
     return lines
 
 

@@ -119,14 +119,24 @@ def plot_soak(report: dict[str, Any], path: Path) -> Path:
                         transform=bytes_axis.transAxes)
     bytes_axis.set_title(f"Request bytes (rolling median, {width:g} s; video transport: "
                          f"{settings.get('video_transport', 'path')})")
-    machine = report["machine"]
-    where = machine.get("gpu_name") or f"CPU: {machine.get('cpu_model')}, {machine.get('cores')} cores"
+    where = machine_label(report["machine"])
     design = ("FlashCache server-held memory vs resend baseline" if new
               else "OLD resend design: both backends resend the prompt window")
     cap = f"cap {settings['kv_cap']} slots/stream"
     fig.suptitle(f"Soak ({design})\n{settings['streams']} streams x {settings['duration_s'] / 60:g} min at "
                  f"{settings['pace']:g}x real time, {settings['model']}, pool {settings['max_total_tokens']} slots, "
                  f"{cap}, resend horizon {settings['max_prompt_chunks']} chunks\n{where}", fontsize=9)
+    return save_figure(fig, path)
+
+
+def machine_label(machine: dict) -> str:
+    """The machine a benchmark ran on, for a figure's title."""
+    return machine.get("gpu_name") or f"CPU: {machine.get('cpu_model')}, {machine.get('cores')} cores"
+
+
+def save_figure(fig, path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

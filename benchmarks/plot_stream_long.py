@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.plot_soak import rolling_median
+from benchmarks.plot_soak import machine_label, rolling_median, save_figure
 
 
 def plot_stream_long(report: dict[str, Any], path: Path) -> Path:
@@ -108,16 +108,10 @@ def plot_stream_long(report: dict[str, Any], path: Path) -> Path:
     speed = analysis.get("speed_vs_real_time")
     latency.set_title("Append cost over the stream" + (f" (ingest ran at {speed:.1f}x real time)" if speed else ""))
 
-    machine = report["machine"]
-    where = machine.get("gpu_name") or f"CPU: {machine.get('cpu_model')}, {machine.get('cores')} cores"
+    where = machine_label(report["machine"])
     fig.suptitle(f"Long stream: {settings['stream_minutes']:g} min of video, one stream, {settings['model']}, cap "
                  f"{settings['kv_cap']}, footprint {settings['footprint_s']:g} s, context {context}\n{where}", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":
