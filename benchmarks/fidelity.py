@@ -661,16 +661,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.reanalyze:
         report = json.loads(Path(args.reanalyze).read_text())
-        report["analysis"] = _analyse(report)
-        report["targets"] = report["analysis"]["targets"]
-        report["main"] = report["analysis"]["rows"]["main"]
-        Path(args.json or args.reanalyze).write_text(json.dumps(report, indent=1))
-        if args.plot:
-            _plot(report, args.plot)
-        if args.markdown:
-            Path(args.markdown).write_text(markdown_tables(report))
-        _print_table(report)
-        return report
+        return _finish(report, args, args.json or args.reanalyze)
     if not args.text and not args.held_out_text:
         parser.error("give at least one --text or --held-out-text source")
     for retention in args.retention + args.variant_retention + [args.kvpress_retention]:
@@ -755,13 +746,18 @@ def main(argv: list[str] | None = None) -> dict:
                 "setting": "no protected tokens, one set per KV head, kvpress's n_kept = int(N * retention)",
                 "rows": _compare_kvpress(kvpress_out, ours, full_nll_means, args.kvpress_retention),
             }
+    report["elapsed_s"] = time.time() - started
+    return _finish(report, args, args.json)
+
+
+def _finish(report: dict, args, json_path) -> dict:
+    """Analyse the report, write its JSON / plot / markdown where asked, print its table."""
     report["analysis"] = _analyse(report)
     report["targets"] = report["analysis"]["targets"]
     report["main"] = report["analysis"]["rows"]["main"]  # what benchmarks/make_report.py reads
-    report["elapsed_s"] = time.time() - started
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1))
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(report, indent=1))
     if args.plot:
         _plot(report, args.plot)
     if args.markdown:
