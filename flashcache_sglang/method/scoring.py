@@ -125,6 +125,15 @@ def _one_tensor(x: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tens
     return deviation, high, total
 
 
+def token_axis_energies(x: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Of ``x`` (``[num_layers, num_tokens, num_kv_heads, channels]``): the per-token squared
+    deviation from the low-pass base, averaged over channels ``[L, H, N]``, and the spectral
+    energy above the cutoff and in total ``[L, H]``. Every part is a sum over channels (the
+    deviation once multiplied back by ``channels``), so a head may be scored a few channels at a
+    time and the parts added."""
+    return _one_tensor(x, gamma)
+
+
 def _ratio(high: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     return high / total.clamp_min(torch.finfo(total.dtype).tiny)
 
