@@ -61,6 +61,7 @@ from benchmarks.serving import (ACTIVE_SERVERS, BenchServer, exit_on_sigterm, fi
                                 settings_from_options, write_report)
 from benchmarks.soak import TINY_MAX_PIXELS, TimedBackend, chunk_integrity, generate_video
 from benchmarks.stream_wire import RecordingSession, sum_timings
+from flashcache_sglang.streaming.sglang_backend import DEFAULT_REBUILD_CHUNKS, FRAME_FACTOR
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 FLATNESS_TARGET = 0.05
@@ -316,6 +317,18 @@ def analyze(raw: dict[str, Any], settings: LongStreamSettings) -> dict[str, Any]
                         "request_bytes": [q.get("request_bytes") for q in asked],
                         "ttft_ms": [round(q["ttft_s"] * 1e3, 1) for q in asked if q.get("ttft_s") is not None]}
     out["errors_check"] = {"measured": out["errors"], "target": "0", "met": out["errors"] == 0}
+    disk = [(i["chunk_time_s"], i["disk_files"], i["disk_bytes"]) for i in ok if i.get("disk_bytes") is not None]
+    if disk:
+        half = disk[len(disk) // 2][0]
+        first = max(b for t, _, b in disk if t < half) if any(t < half for t, _, _ in disk) else 0
+        second = max(b for t, _, b in disk if t >= half)
+        most_files = max(f for _, f, _ in disk)
+        out["disk_bounded"] = {
+            "measured": {"max_files": most_files, "max_bytes_first_half": first, "max_bytes_second_half": second,
+                         "files_end": disk[-1][1], "bytes_end": disk[-1][2], "appends": len(disk)},
+            "target": "chunk files kept per stream <= the sink + rebuild set + the chunk in flight (a fixed number), "
+                      "bytes in the second half <= 1.2x the first half's maximum",
+            "met": most_files <= _files_per_chunk(settings) * (DEFAULT_REBUILD_CHUNKS + 2) and second <= 1.2 * max(first, 1)}
     leak = raw.get("leak_check") or {}
     out["leaked_kv_slots"] = {"measured": leak.get("leaked_kv_slots"), "target": "0",
                               "met": bool(leak.get("ok")) and leak.get("leaked_kv_slots") == 0}
@@ -325,10 +338,14 @@ def analyze(raw: dict[str, Any], settings: LongStreamSettings) -> dict[str, Any]
     loads = [i["load1"] for i in ok if i.get("load1") is not None]
     out["load_average_1min"] = {"mean": statistics.mean(loads), "max": max(loads), "min": min(loads)} if loads else None
     checks = ("footprint", "memory_flat", "positions_bounded", "positions_plateau", "errors_check", "leaked_kv_slots",
-              "chunks")
+              "chunks", "disk_bounded")
     out["acceptance"] = {name: {k: out[name][k] for k in ("measured", "target", "met")} for name in checks if name in out}
     out["acceptance"]["all_met"] = all(c["met"] for c in out["acceptance"].values())
     return out
+
+
+def _files_per_chunk(settings: LongStreamSettings) -> int:
+    return max(1, settings.chunk_frames // FRAME_FACTOR)
 
 
 def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
@@ -448,9 +465,16 @@ class FootprintRecorder(TimedBackend):
         record["own_visual_kept"] = footprint.get(chunk.index, 0)  # the ranking's verdict on the new chunk
         record["outlier_energy"] = chunk.outlier_energy
         record["load1"] = load_average()[0]
+        record["disk_files"], record["disk_bytes"] = chunk_disk(Path(self.backend.chunk_dir) / stream_id)
         if chunk.index % self.settings.footprint_snapshot_every == 0:
             self.snapshots.append({"chunk": chunk.index, "stream_s": chunk.start_s, "footprint": footprint})
         return receipt
+
+
+def chunk_disk(folder: Path) -> tuple[int, int]:
+    """Chunk videos a stream keeps on disk: (files, bytes)."""
+    files = [path for path in folder.rglob("*.mp4") if path.is_file()] if folder.is_dir() else []
+    return len(files), sum(path.stat().st_size for path in files)
 
 
 def read_chunks(video: Path, settings: LongStreamSettings, count: int):

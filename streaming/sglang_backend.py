@@ -55,6 +55,8 @@ logger = logging.getLogger(__name__)
 
 # SGLang's /close_session addresses a flashcache stream memory by this prefix (stream_memory.py).
 STREAM_SESSION_PREFIX = "flashcache-stream:"
+# Chunks besides the sink re-appended when a lost memory is rebuilt (so chunk files kept per stream).
+DEFAULT_REBUILD_CHUNKS = 16
 # A server with no KV slots free while questions read the memory answers an append "retryable".
 APPEND_RETRIES, APPEND_RETRY_BACKOFF_S = 5, 0.5
 
@@ -261,7 +263,7 @@ class SGLangMemoryBackend(VideoChunkClient):
         frames_per_video: Optional[int] = FRAME_FACTOR,
         template: PromptTemplate = PromptTemplate(),
         video_transport: str = "data_url",
-        rebuild_chunks: int = 16,
+        rebuild_chunks: int = DEFAULT_REBUILD_CHUNKS,
         max_answer_tokens: int = 64,
         timeout_s: float = 120.0,
         session: Optional[requests.Session] = None,

@@ -57,7 +57,8 @@ def synthetic_raw(settings: LongStreamSettings, planted_tokens: int = 6, empty_s
         ingests.append({"t": 0.1 * k, "chunk": k, "chunk_time_s": t, "seconds": 0.1, "append_ms": 5.0,
                         "stream_id": "s", "logical_tokens": 51 if k == 0 else 28, "kept_tokens": 8,
                         "retention": 0.3, "capped_kv_slots": capped, "memory_tokens": 51 + capped,
-                        "next_position": 35 + min(capped, settings.kv_cap) // 2, "planted_kept": 0, "load1": 1.0})
+                        "next_position": 35 + min(capped, settings.kv_cap) // 2, "planted_kept": 0, "load1": 1.0,
+                        "disk_files": 2 * min(k + 1, 18), "disk_bytes": 9000 * min(k + 1, 18)})
         if k and not (empty_segment and 60 <= t < 120):
             footprint[k] = 1
     for k in stream_long.planted_chunks({i["chunk"]: i["chunk_time_s"] for i in ingests}, settings):
@@ -101,6 +102,11 @@ def test_analyze_checks_every_acceptance_item():
     assert hole["footprint"]["measured"]["empty_segments"] == [1] and not hole["acceptance"]["all_met"]
     faint = stream_long.analyze(synthetic_raw(settings, planted_tokens=0), settings)["planted_scene"]
     assert faint["ratio_to_neighbours"] == 0 and "None of its tokens is left" in faint["explanation"]
+    assert analysis["disk_bounded"]["met"] and analysis["disk_bounded"]["measured"]["max_files"] == 36
+    hoarding = synthetic_raw(settings)
+    for ingest in hoarding["ingests"]:  # every chunk's files kept: disk grows with the stream
+        ingest["disk_files"], ingest["disk_bytes"] = 2 * (ingest["chunk"] + 1), 9000 * (ingest["chunk"] + 1)
+    assert not stream_long.analyze(hoarding, settings)["disk_bounded"]["met"]
     long_context = LongStreamSettings(stream_minutes=10, kv_cap=64, context_length=1024)
     assert not stream_long.analyze(synthetic_raw(long_context), long_context)["positions_bounded"]["met"]  # 8x only
 
