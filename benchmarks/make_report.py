@@ -249,6 +249,9 @@ def soak_section(path: Path, report: dict) -> list[str]:
              f"{settings.get('metadata_store')}"]
     for name, text in settings.get("backends", {}).items():
         lines.append(f"- `{name}`: {text}")
+    for name, run in (report.get("backend_runs") or {}).items():
+        lines.append(f"- `{name}` measured {run.get('created')} by `{run.get('command')}` (load average "
+                     f"{run.get('load_average_start')} at start, {run.get('load_average_end')} at end)")
     lines += [f"- {soak_headline(report)}", ""]
     runs = {name: run.get("summary", {}) for name, run in report["backends"].items()}
     loads = [(runs[n].get("load_average_1min") or {}).get("mean") for n in runs]

@@ -802,6 +802,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace
     parser.add_argument("--output", type=Path, default=None, help="JSON path (default benchmarks/results/soak_*.json)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: the JSON's, .png)")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--merge-into", type=Path, metavar="JSON",
+                        help="put this run's backends into a saved soak with the same settings (replacing them)")
     parser.add_argument("--reanalyze", type=Path, metavar="JSON",
                         help="recompute the summaries, checks and plot of a saved run from its raw series")
     args = parser.parse_args(argv)
@@ -846,15 +848,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not os.environ.get("FLASHCACHE_SOAK_KEEP"):
             for backend in BACKENDS:
                 shutil.rmtree(workdir / backend / "chunks", ignore_errors=True)
+    runs = {name: {"command": command, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   "load_average_start": load_start, "load_average_end": load_average()} for name in backends}
+    if args.merge_into:
+        backends, runs, command = merge_backends(args.merge_into, settings, backends, runs, command)
+        args.backends = list(backends)
     report = build_report(backends, settings, command, model, waited, time.monotonic() - started, args,
                           load_start=load_start)
-    output = args.output or RESULTS_DIR / f"soak_{'quick' if args.quick else 'server_memory_cpu'}.json"
+    report["backend_runs"] = runs
+    output = args.output or args.merge_into or RESULTS_DIR / f"soak_{'quick' if args.quick else 'server_memory_cpu'}.json"
     from benchmarks.plot_soak import plot_soak
 
     write_report(report, output, None if args.no_plot else (args.plot or output.with_suffix(".png")), plot_soak, "soak")
     print(f"[soak] server logs under {workdir}", file=sys.stderr)
     print_summary(report)
     return 0 if report["ok"] else 1
+
+
+def merge_backends(path: Path, settings: SoakSettings, backends: dict[str, dict], runs: dict[str, dict],
+                   command: str) -> tuple[dict[str, dict], dict[str, dict], str]:
+    """Put this run's backends into a saved soak (same settings), replacing the ones of the same
+    name: a backend disturbed by other load is re-run alone. Returns backends, per-backend run
+    records and the combined command."""
+    saved = json.loads(Path(path).read_text())
+    fields = set(SoakSettings.__dataclass_fields__)
+    theirs = {k: v for k, v in saved["settings"].items() if k in fields}
+    ours = {k: v for k, v in asdict(settings).items() if k in theirs}
+    if theirs != ours:
+        differ = sorted(k for k in ours if ours[k] != theirs[k])
+        raise SystemExit(f"--merge-into {path}: its settings differ in {differ}; re-run with the same settings")
+    old_runs = saved.get("backend_runs") or {name: {"command": saved.get("command"), "created": saved.get("created")}
+                                             for name in saved["backends"]}
+    merged = {**saved["backends"], **backends}
+    return merged, {**old_runs, **runs}, f"{saved.get('command')} ; then {command}"
 
 
 def build_report(backends: dict[str, dict], settings: SoakSettings, command: str, model: str,

@@ -399,3 +399,25 @@ def test_resend_baseline_resends_its_window_and_keeps_the_horizon(fake_server, t
     backend.release("s")
     with pytest.raises(KeyError):
         backend.memory_tokens("s")
+
+
+def test_a_backend_rerun_alone_replaces_its_part_of_a_saved_soak(tmp_path):
+    from dataclasses import asdict
+
+    from benchmarks import soak
+
+    settings = soak.SoakSettings()
+    saved = {"settings": {**asdict(settings), "model": "tiny"}, "command": "python -m benchmarks.soak --minutes 30",
+             "created": "2026-12-03T10:00:00+00:00", "backends": {"vanilla": {"summary": "old"}, "flashcache": {"summary": "f"}}}
+    path = tmp_path / "soak.json"
+    path.write_text(json.dumps(saved))
+    runs = {"vanilla": {"command": "python -m benchmarks.soak --backends vanilla"}}
+    backends, merged_runs, command = soak.merge_backends(path, settings, {"vanilla": {"summary": "new"}}, runs,
+                                                         "python -m benchmarks.soak --backends vanilla")
+    assert backends == {"vanilla": {"summary": "new"}, "flashcache": {"summary": "f"}}
+    assert merged_runs["vanilla"] == runs["vanilla"]
+    assert merged_runs["flashcache"]["command"] == "python -m benchmarks.soak --minutes 30"
+    assert command.startswith("python -m benchmarks.soak --minutes 30 ; then ")
+    other = soak.SoakSettings(streams=settings.streams + 1)
+    with pytest.raises(SystemExit, match=r"settings differ in \['streams'\]"):
+        soak.merge_backends(path, other, {}, {}, "x")
