@@ -1056,8 +1056,13 @@ def write_report(report: dict, output: Path, plot_path: Optional[Path], plot: Ca
     output.write_text(json.dumps(finite(report), indent=1, allow_nan=False))
     print(f"[{tag}] wrote {output}", file=sys.stderr)
     if plot_path is not None:
-        plot(finite(report), plot_path)
-        print(f"[{tag}] wrote {plot_path}", file=sys.stderr)
+        try:
+            plot(finite(report), plot_path)
+        except Exception as error:  # noqa: BLE001 - the measurements are saved; the figure can be redone
+            print(f"[{tag}] the plot failed ({type(error).__name__}: {error}); {output} is saved, redo the figure "
+                  "with --reanalyze", file=sys.stderr)
+        else:
+            print(f"[{tag}] wrote {plot_path}", file=sys.stderr)
 
 
 def finite(value):

@@ -815,9 +815,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, settings = parse_args(argv)
-    if args.reanalyze:
-        from benchmarks.plot_soak import plot_soak
+    # Imported before the run, not after it: an hour of measurements must not depend on what the
+    # source tree holds when the run ends.
+    from benchmarks.plot_soak import plot_soak
 
+    if args.reanalyze:
         report = finite(reanalyze(args.reanalyze))
         write_report(report, args.reanalyze, None if args.no_plot else args.reanalyze.with_suffix(".png"), plot_soak,
                      "soak")
@@ -840,10 +842,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     videos = [generate_video(workdir / f"stream_{k}.mp4", settings.video_seconds, settings.fps, seed=k)
               for k in range(settings.streams)]
     backends = {}
+    output = args.output or args.merge_into or RESULTS_DIR / f"soak_{'quick' if args.quick else 'server_memory_cpu'}.json"
+    partial = output.with_suffix(".partial.json")
     try:
         for backend in args.backends:
             backends[backend] = run_backend(backend, settings, model, videos, workdir, args.redis_url,
                                             args.startup_timeout)
+            partial.write_text(json.dumps(finite({"settings": asdict(settings), "command": command,
+                                                  "backends": backends}), allow_nan=False))
     finally:
         if not os.environ.get("FLASHCACHE_SOAK_KEEP"):
             for backend in BACKENDS:
@@ -856,10 +862,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report = build_report(backends, settings, command, model, waited, time.monotonic() - started, args,
                           load_start=load_start)
     report["backend_runs"] = runs
-    output = args.output or args.merge_into or RESULTS_DIR / f"soak_{'quick' if args.quick else 'server_memory_cpu'}.json"
-    from benchmarks.plot_soak import plot_soak
-
     write_report(report, output, None if args.no_plot else (args.plot or output.with_suffix(".png")), plot_soak, "soak")
+    partial.unlink(missing_ok=True)
     print(f"[soak] server logs under {workdir}", file=sys.stderr)
     print_summary(report)
     return 0 if report["ok"] else 1
