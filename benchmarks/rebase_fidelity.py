@@ -81,15 +81,16 @@ def _forward(model, ids, keys, values, start_position):
     return new_keys, new_values, output.logits[0].float()
 
 
-def _rank_keep(keys, values, candidates, budget, gamma):
-    """The engine's selection: one FlashCache-ranked set over the candidates (bool [N])."""
+def _rank_keep(keys, values, candidates, budget, gamma, positions, spec):
+    """The engine's selection: one FlashCache-ranked set over the candidates (bool [N]), keys
+    scored pre-RoPE from the positions they were rotated with, as the engine does."""
     from flashcache_sglang.policies import KVSpan, make_policy
 
     count = int(candidates.sum())
     if budget >= count:
         return torch.ones(keys.shape[1], dtype=torch.bool)
     policy = make_policy("flashcache", retention=max(budget, 1) / count, gamma=gamma)
-    keep = policy.select(KVSpan(keys, values, candidates)).shared_mask()
+    keep = policy.select(KVSpan(keys, values, candidates, positions=positions, rotary=spec)).shared_mask()
     return keep if budget > 0 else ~candidates
 
 
@@ -115,7 +116,7 @@ def stream_window(model, ids, *, chunk, cap, retention, gamma, rebase, spec):
             continue
         budget = int(candidates[:-piece.shape[1]].sum()) + round(retention * piece.shape[1])
         budget = min(budget, cap)
-        keep = _rank_keep(keys, values, candidates, budget, gamma)
+        keep = _rank_keep(keys, values, candidates, budget, gamma, positions, spec)
         keys, values, positions, candidates = keys[:, keep], values[:, keep], positions[keep], candidates[keep]
         if rebase:
             contiguous = torch.arange(positions.numel())
