@@ -121,8 +121,12 @@ def measure(num_tokens: int, path: str) -> dict:
     span_bytes = 2 * LAYERS * num_tokens * HEADS * HEAD_DIM * torch.tensor([], dtype=DTYPE).element_size()
     from flashcache_sglang.method.dct import cutoff_index
 
-    table_bytes = (cutoff_index(num_tokens, 0.2) + 1) * ((num_tokens + 1) // 2) * 2 if path == "triton" else \
-        (cutoff_index(num_tokens, 0.2) + 1) * num_tokens * 4
+    from flashcache_sglang.method.scoring import MATMUL_MAX_TOKENS
+
+    if path == "triton":
+        table_bytes = (cutoff_index(num_tokens, 0.2) + 1) * ((num_tokens + 1) // 2) * 2
+    else:  # a float32 low-pass basis up to MATMUL_MAX_TOKENS (at most 8 cached), FFT above it (no table)
+        table_bytes = (cutoff_index(num_tokens, 0.2) + 1) * num_tokens * 4 if num_tokens <= MATMUL_MAX_TOKENS else 0
     return {"num_tokens": num_tokens, "path": path, "peak_extra_bytes": tracker.peak,
             "candidates_kv_bytes": span_bytes, "extra_fraction": tracker.peak / span_bytes,
             "cached_dct_table_bytes": table_bytes, "layers_per_launch": (
